@@ -1,0 +1,159 @@
+"""sRGB ↔ CIE XYZ ↔ CIELAB (D65, 2°) in numpy, float32, vectorised.
+
+Conversions build on each other: rgb → linear rgb → xyz → lab, and back. Arrays are channel-last
+(..., 3). RGB is in [0, 1]; L in [0, 100]; a, b roughly in [-128, 127].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# sRGB primaries, D65 white (IEC 61966-2-1), the same matrix skimage uses.
+_RGB_TO_XYZ = np.array(
+    [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]],
+    dtype=np.float64,
+)
+_XYZ_TO_RGB = np.linalg.inv(_RGB_TO_XYZ)
+WHITE_D65 = np.array([0.95047, 1.0, 1.08883], dtype=np.float64)
+_DELTA = 6.0 / 29.0
+AB_SCALE = 128.0
+L_SCALE = 100.0
+
+
+def to_unit_float(image: np.ndarray) -> np.ndarray:
+    """Integer images (uint8, uint16) to float32 in [0, 1]; float input is passed through as float32."""
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    if image.dtype == np.uint16:
+        return image.astype(np.float32) / 65535.0
+    if np.issubdtype(image.dtype, np.floating):
+        return image.astype(np.float32, copy=False)
+    raise TypeError(f"unsupported image dtype {image.dtype}; expected uint8, uint16 or float")
+
+
+def srgb_to_linear(rgb: np.ndarray) -> np.ndarray:
+    rgb = np.asarray(rgb, dtype=np.float32)
+    return np.where(rgb <= 0.04045, rgb / 12.92, ((np.maximum(rgb, 0.04045) + 0.055) / 1.055) ** 2.4).astype(
+        np.float32
+    )
+
+
+def linear_to_srgb(lin: np.ndarray) -> np.ndarray:
+    lin = np.asarray(lin, dtype=np.float32)
+    return np.where(
+        lin <= 0.0031308, 12.92 * lin, 1.055 * np.maximum(lin, 0.0031308) ** (1.0 / 2.4) - 0.055
+    ).astype(np.float32)
+
+
+def linear_to_xyz(lin: np.ndarray) -> np.ndarray:
+    return (lin @ _RGB_TO_XYZ.T.astype(np.float32)).astype(np.float32)
+
+
+def xyz_to_linear(xyz: np.ndarray) -> np.ndarray:
+    return (xyz @ _XYZ_TO_RGB.T.astype(np.float32)).astype(np.float32)
+
+
+def _f(t: np.ndarray) -> np.ndarray:
+    return np.where(t > _DELTA**3, np.cbrt(t), t / (3 * _DELTA**2) + 4.0 / 29.0).astype(np.float32)
+
+
+def _f_inv(t: np.ndarray) -> np.ndarray:
+    return np.where(t > _DELTA, t**3, 3 * _DELTA**2 * (t - 4.0 / 29.0)).astype(np.float32)
+
+
+def xyz_to_lab(xyz: np.ndarray) -> np.ndarray:
+    f = _f(xyz / WHITE_D65.astype(np.float32))
+    lab = np.empty_like(f)
+    lab[..., 0] = 116.0 * f[..., 1] - 16.0
+    lab[..., 1] = 500.0 * (f[..., 0] - f[..., 1])
+    lab[..., 2] = 200.0 * (f[..., 1] - f[..., 2])
+    return lab
+
+
+def lab_to_xyz(lab: np.ndarray) -> np.ndarray:
+    lab = np.asarray(lab, dtype=np.float32)
+    fy = (lab[..., 0] + 16.0) / 116.0
+    f = np.stack([fy + lab[..., 1] / 500.0, fy, fy - lab[..., 2] / 200.0], axis=-1)
+    return (_f_inv(f) * WHITE_D65.astype(np.float32)).astype(np.float32)
+
+
+def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB (..., 3), uint8/uint16 or float in [0, 1], to CIELAB float32 (..., 3)."""
+    return xyz_to_lab(linear_to_xyz(srgb_to_linear(to_unit_float(rgb))))
+
+
+def lab_to_rgb_unclipped(lab: np.ndarray) -> np.ndarray:
+    """CIELAB to sRGB float32 with no gamut handling (values may leave [0, 1])."""
+    return linear_to_srgb(xyz_to_linear(lab_to_xyz(lab)))
+
+
+def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
+    """CIELAB (..., 3) to sRGB float32 in [0, 1], clipping out-of-gamut colours per channel."""
+    return np.clip(lab_to_rgb_unclipped(lab), 0.0, 1.0)
+
+
+def gray_to_l(gray: np.ndarray) -> np.ndarray:
+    """Gray sRGB values (any shape), uint8/uint16 or float [0, 1], to L in [0, 100] float32."""
+    y = srgb_to_linear(to_unit_float(gray))
+    return (116.0 * _f(y) - 16.0).astype(np.float32)
+
+
+def l_to_gray(l: np.ndarray) -> np.ndarray:
+    """L in [0, 100] to the gray sRGB value in [0, 1] of that lightness."""
+    y = _f_inv((np.asarray(l, dtype=np.float32) + 16.0) / 116.0)
+    return np.clip(linear_to_srgb(y), 0.0, 1.0)
+
+
+def lab_to_rgb_keep_l(lab: np.ndarray, steps: int = 12) -> np.ndarray:
+    """CIELAB to sRGB in [0, 1] that keeps L exactly: out-of-gamut colours lose chroma, not lightness.
+
+    Each out-of-gamut pixel's (a, b) is scaled towards 0 by the largest factor in [0, 1] that stays
+    in gamut (bisection, ``steps`` halvings), so the gray axis, which is always in gamut, bounds it.
+    """
+    lab = np.asarray(lab, dtype=np.float32)
+    rgb = lab_to_rgb_unclipped(lab)
+    tol = 1e-4
+    outside = np.any((rgb < -tol) | (rgb > 1 + tol), axis=-1)
+    if np.any(outside):
+        sub = lab[outside]
+        lo = np.zeros(len(sub), dtype=np.float32)
+        hi = np.ones(len(sub), dtype=np.float32)
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            trial = sub.copy()
+            trial[:, 1:] *= mid[:, None]
+            c = lab_to_rgb_unclipped(trial)
+            ok = np.all((c >= -tol) & (c <= 1 + tol), axis=-1)
+            lo = np.where(ok, mid, lo)
+            hi = np.where(ok, hi, mid)
+        sub[:, 1:] *= lo[:, None]
+        rgb[outside] = lab_to_rgb_unclipped(sub)
+    return np.clip(rgb, 0.0, 1.0)
+
+
+def normalise_l(l: np.ndarray) -> np.ndarray:
+    """L in [0, 100] to the model's input scale, L/100 in [0, 1]."""
+    return (np.asarray(l, dtype=np.float32) / L_SCALE).astype(np.float32)
+
+
+def normalise_ab(ab: np.ndarray) -> np.ndarray:
+    """ab to the model's scale, ab/128, about [-1, 1]."""
+    return (np.asarray(ab, dtype=np.float32) / AB_SCALE).astype(np.float32)
+
+
+def denormalise_ab(ab: np.ndarray) -> np.ndarray:
+    """The model's ab/128 back to CIELAB a, b units."""
+    return (np.asarray(ab, dtype=np.float32) * AB_SCALE).astype(np.float32)
+
+
+def is_near_gray(rgb: np.ndarray, tolerance: float = 6.0) -> bool:
+    """True when an RGB image carries (almost) no chroma: mean chroma √(a²+b²) below ``tolerance``.
+
+    Sepia and toned prints have a constant tint, so the test subtracts the mean (a, b) first and
+    judges the spread of chroma about it.
+    """
+    small = rgb[:: max(1, rgb.shape[0] // 256), :: max(1, rgb.shape[1] // 256)]
+    lab = rgb_to_lab(small)
+    ab = lab[..., 1:].reshape(-1, 2)
+    spread = np.sqrt(((ab - ab.mean(axis=0)) ** 2).sum(axis=1))
+    return float(np.percentile(spread, 95)) < tolerance

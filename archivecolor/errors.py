@@ -1,0 +1,41 @@
+"""The exceptions archivecolor raises. Every message names the file and the fix."""
+
+
+class ArchivecolorError(Exception):
+    """Base class: the CLI prints these as ``Error: ...`` and exits 1."""
+
+
+class ImageReadError(ArchivecolorError):
+    """An input image cannot be decoded."""
+
+
+class ImageWriteError(ArchivecolorError):
+    """An output image cannot be written."""
+
+
+class ImageTooLarge(ImageReadError):
+    """An image exceeds the decompression-bomb pixel limit."""
+
+
+class ModelNotFound(ArchivecolorError):
+    """A model file is missing from the model store."""
+
+
+class ChecksumMismatch(ArchivecolorError):
+    """A file's sha256 differs from the one recorded for it."""
+
+
+class WeightsUnavailable(ArchivecolorError):
+    """No source of backbone weights could be used."""
+
+
+class ProviderUnavailable(ArchivecolorError):
+    """The requested ONNX Runtime execution provider cannot run."""
+
+
+class CatalogError(ArchivecolorError):
+    """The reference catalogue is missing, corrupt or inconsistent."""
+
+
+class UsageError(ArchivecolorError):
+    """Arguments that cannot work together; the CLI exits 2."""

@@ -1,0 +1,80 @@
+"""The VGG feature extractor that reads the grayscale L channel."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import models
+
+# Index in torchvision's `features` of the ReLU after each matching layer (last conv of each block).
+MATCH_TAPS = {"vgg16": (3, 8, 15, 22, 29), "vgg19": (3, 8, 17, 26, 35)}
+MATCH_LAYERS = {
+    "vgg16": ("conv1_2", "conv2_2", "conv3_3", "conv4_3", "conv5_3"),
+    "vgg19": ("conv1_2", "conv2_2", "conv3_4", "conv4_4", "conv5_4"),
+}
+CONV4_2_TAP = {"vgg16": 20, "vgg19": 20}
+FEATURE_CHANNELS = (64, 128, 256, 512, 512)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GEM_P = 3.0
+
+
+def l_to_gray_srgb(l: torch.Tensor) -> torch.Tensor:
+    """Map L/100 in [0, 1] to the sRGB gray value in [0, 1] that has that lightness (D65)."""
+    fy = (l * 100.0 + 16.0) / 116.0
+    delta = 6.0 / 29.0
+    y = torch.where(fy > delta, fy.clamp(min=delta) ** 3, (fy - 4.0 / 29.0) * 3.0 * delta * delta)
+    y = y.clamp(0.0, 1.0)
+    return torch.where(y <= 0.0031308, 12.92 * y, 1.055 * y.clamp(min=0.0031308) ** (1.0 / 2.4) - 0.055)
+
+
+class VGGFeatures(nn.Module):
+    """VGG on gray input.
+
+    Input ``l``: (B, 1, H, W) float32, L/100 in [0, 1], H and W multiples of 16.
+    Outputs: five matching feature maps (after ReLU) at strides 1, 2, 4, 8, 16, then two
+    L2-normalised retrieval embeddings of shape (B, 512): GeM (p=3) of the last layer, and the
+    seed's average-pooled conv4_2.
+    """
+
+    def __init__(self, backbone: str = "vgg16") -> None:
+        super().__init__()
+        if backbone not in MATCH_TAPS:
+            raise ValueError(f"unknown backbone {backbone!r}")
+        self.backbone = backbone
+        full = getattr(models, backbone)(weights=None).features
+        last = MATCH_TAPS[backbone][-1]
+        self.features = nn.Sequential(*list(full.children())[: last + 1])
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def load_numpy(self, state: dict[str, np.ndarray]) -> None:
+        """Load a torchvision-named numpy state dict (all keys must match)."""
+        tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}
+        own = {k for k in self.state_dict()}
+        tensors = {k: v for k, v in tensors.items() if k in own}
+        self.load_state_dict(tensors, strict=True)
+
+    def normalise(self, l: torch.Tensor) -> torch.Tensor:
+        gray = l_to_gray_srgb(l)
+        return (gray.expand(-1, 3, -1, -1) - self.mean) / self.std
+
+    def forward(self, l: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = self.normalise(l)
+        taps = MATCH_TAPS[self.backbone]
+        feats: list[torch.Tensor] = []
+        conv4_2 = None
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i == CONV4_2_TAP[self.backbone]:
+                conv4_2 = x
+            if i in taps:
+                feats.append(x)
+        assert conv4_2 is not None
+        gem = feats[-1].clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)
+        avg = conv4_2.mean(dim=(2, 3))
+        return (*feats, F.normalize(gem, dim=1), F.normalize(avg, dim=1))

@@ -1,0 +1,1 @@
+"""PyTorch training of the colorization U-Net (``python -m training --help``)."""

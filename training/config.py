@@ -1,0 +1,35 @@
+"""Named training configurations."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+TRAIN_FOLDERS = ("imagenet-1k-samples", "sun-hays80", "urban100")
+TEST_FOLDERS = ("kodak24", "cbsd68", "mcmaster18", "prokudin-gorskii")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str
+    size: int  # square training crops, a multiple of 16
+    width: int  # U-Net base width
+    epochs: int
+    batch_size: int = 8
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    perceptual_weight: float = 0.1
+    self_reference_rate: float = 0.35  # the rest are retrieved (imperfect) references
+    retrieved_per_photo: int = 2
+    validation_every: int = 20  # every n-th photo (sorted) is held out
+    seed: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+CONFIGS = {
+    # About 2 hours on 2 CPU cores: a narrower U-Net at 160 px.
+    "cpu-small": TrainConfig(name="cpu-small", size=160, width=32, epochs=12),
+    # The seed's schedule for a GPU: 10 epochs at 224 px, full-width U-Net.
+    "full": TrainConfig(name="full", size=224, width=64, epochs=10),
+}

@@ -1,0 +1,189 @@
+"""The training loop: AdamW on L2 + perceptual loss, checkpointed every epoch, resumable."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from archivecolor.models.weights import load_backbone_weights
+from archivecolor.nets.unet import ColorUNet
+from archivecolor.nets.vgg import VGGFeatures
+from training.colorspace import lab_to_rgb
+from training.config import TrainConfig
+from training.data import PairCache, build_pairs, list_photos, split
+
+PERCEPTUAL_LAYERS = 9  # VGG up to relu2_2: cheap enough for CPU training
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def psnr_rgb(l01: torch.Tensor, ab_pred: torch.Tensor, ab_true: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB, MAX=1) between the RGB images of two ab predictions on the same L."""
+    a = lab_to_rgb(l01, ab_pred)
+    b = lab_to_rgb(l01, ab_true)
+    mse = ((a - b) ** 2).mean(dim=(1, 2, 3)).clamp(min=1e-10)
+    return -10.0 * torch.log10(mse)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, data_root: Path, out: Path, device: str = "auto",
+                 weights: Path | None = None, console: Console | None = None) -> None:
+        self.config = config
+        self.out = out
+        self.console = console or Console()
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if device == "auto" else device))
+        seed_everything(config.seed)
+        state, self.weight_source = load_backbone_weights("vgg16", weights, download_dir=out / "downloads")
+        self.vgg = VGGFeatures("vgg16")
+        self.vgg.load_numpy(state)
+        self.vgg.eval().to(self.device)
+        self.perceptual = self.vgg.features[:PERCEPTUAL_LAYERS]
+        photos = list_photos(data_root)
+        if not photos:
+            raise SystemExit(f"no training photos under {data_root}; pass --data pointing at shared/data")
+        _, val_photos = split(photos, config.validation_every)
+        self.pairs = self._pairs(photos, set(val_photos), out / f"pairs-{config.size}")
+        per = 1 + config.retrieved_per_photo
+        photo_split = [self.pairs.meta[i * per]["split"] for i in range(len(self.pairs.meta) // per)]
+        self.train_photos = [i for i, s in enumerate(photo_split) if s == "train"]
+        self.val_rows = [i * per + k for i, s in enumerate(photo_split) if s == "val" for k in range(1, per)]
+        self.model = ColorUNet(width=config.width).to(self.device)
+        self.optimiser = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.epoch = 0
+        self.history: list[dict] = []
+
+    def _pairs(self, photos: list[Path], held_out: set[Path], folder: Path) -> PairCache:
+        with self._progress() as bar:
+            task = bar.add_task("pairs", total=len(photos))
+            return build_pairs(photos, folder, self.config, self.vgg, self.device, held_out=held_out,
+                               progress=lambda done, total: bar.update(task, completed=done, total=total))
+
+    def _progress(self) -> Progress:
+        return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def save(self) -> None:
+        ckpt = {
+            "model": self.model.state_dict(), "optimiser": self.optimiser.state_dict(), "epoch": self.epoch,
+            "config": self.config.as_dict(), "history": self.history, "backbone": "vgg16",
+            "weight_source": self.weight_source.__dict__,
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+        }
+        tmp = self.out / "last.pt.tmp"
+        torch.save(ckpt, tmp)
+        tmp.replace(self.out / "last.pt")
+        (self.out / "history.json").write_text(json.dumps(self.history, indent=2))
+
+    def resume(self) -> bool:
+        path = self.out / "last.pt"
+        if not path.exists():
+            return False
+        ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimiser.load_state_dict(ckpt["optimiser"])
+        self.epoch = ckpt["epoch"]
+        self.history = ckpt["history"]
+        random.setstate(ckpt["rng"]["python"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        return True
+
+    # --- steps ---------------------------------------------------------------------------------
+    def _batch(self, cache: PairCache, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = sorted(rows)
+        x = torch.from_numpy(np.asarray(cache.x[rows], dtype=np.float32)).to(self.device)
+        ab = torch.from_numpy(np.asarray(cache.ab[rows], dtype=np.float32)).to(self.device)
+        return x, ab
+
+    def _features(self, rgb: torch.Tensor) -> torch.Tensor:
+        return self.perceptual((rgb - self.vgg.mean) / self.vgg.std)
+
+    def loss(self, x: torch.Tensor, ab_true: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ab_pred, _ = self.model(x)
+        l2 = F.mse_loss(ab_pred, ab_true)
+        l01 = x[:, :1]
+        with torch.no_grad():
+            target = F.normalize(self._features(lab_to_rgb(l01, ab_true)), dim=1)
+        pred = F.normalize(self._features(lab_to_rgb(l01, ab_pred)), dim=1)
+        perceptual = F.mse_loss(pred, target)
+        return l2 + self.config.perceptual_weight * perceptual, ab_pred
+
+    def epoch_rows(self) -> list[int]:
+        """One pair per photo: its self reference at the configured rate, else a retrieved one."""
+        per = 1 + self.config.retrieved_per_photo
+        rows = []
+        for photo in self.train_photos:
+            k = 0 if random.random() < self.config.self_reference_rate else random.randint(1, per - 1)
+            rows.append(photo * per + k)
+        random.shuffle(rows)
+        return rows
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        self.model.eval()
+        rows = self.val_rows  # retrieved references only: the realistic case
+        model_psnr, gray_psnr, warp_psnr, losses = [], [], [], []
+        for start in range(0, len(rows), 16):
+            x, ab = self._batch(self.pairs, rows[start : start + 16])
+            loss, pred = self.loss(x, ab)
+            losses.append(loss.item() * len(x))
+            l01 = x[:, :1]
+            model_psnr.append(psnr_rgb(l01, pred, ab))
+            gray_psnr.append(psnr_rgb(l01, torch.zeros_like(ab), ab))
+            warp_psnr.append(psnr_rgb(l01, x[:, 1:3], ab))
+        self.model.train()
+        return {
+            "val_loss": sum(losses) / len(rows),
+            "val_psnr": torch.cat(model_psnr).mean().item(),
+            "val_psnr_gray": torch.cat(gray_psnr).mean().item(),
+            "val_psnr_warp": torch.cat(warp_psnr).mean().item(),
+        }
+
+    def fit(self, epochs: int | None = None) -> list[dict]:
+        total = epochs or self.config.epochs
+        self.model.train()
+        with self._progress() as bar:
+            task = bar.add_task("epochs", total=total, completed=self.epoch)
+            while self.epoch < total:
+                started = time.time()
+                rows = self.epoch_rows()
+                running = 0.0
+                steps = 0
+                sub = bar.add_task(f"epoch {self.epoch + 1}", total=len(rows) // self.config.batch_size)
+                for start in range(0, len(rows) - self.config.batch_size + 1, self.config.batch_size):
+                    x, ab = self._batch(self.pairs, rows[start : start + self.config.batch_size])
+                    if random.random() < 0.5:
+                        x, ab = x.flip(-1), ab.flip(-1)
+                    loss, _ = self.loss(x, ab)
+                    self.optimiser.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimiser.step()
+                    running += loss.item()
+                    steps += 1
+                    bar.advance(sub)
+                bar.remove_task(sub)
+                self.epoch += 1
+                record = {"epoch": self.epoch, "train_loss": running / max(1, steps),
+                          "seconds": round(time.time() - started, 1), **self.validate()}
+                self.history.append(record)
+                self.save()
+                self.console.print(
+                    f"epoch {record['epoch']}: loss {record['train_loss']:.4f} val PSNR {record['val_psnr']:.2f} dB "
+                    f"(gray {record['val_psnr_gray']:.2f}, warp {record['val_psnr_warp']:.2f}) {record['seconds']} s"
+                )
+                bar.update(task, completed=self.epoch)
+        return self.history
