@@ -49,6 +49,27 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (F.normalize(a, dim=1, eps=1e-6) * F.normalize(b, dim=1, eps=1e-6)).sum(dim=1, keepdim=True)
 
 
+def _refine(flow: torch.Tensor, t: torch.Tensor, r: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Refine a flow at ``t``'s resolution: soft-argmax over the 3×3 reference neighbours of each match.
+
+    flow: (B, 2, h', w') coarser flow in normalised reference coordinates; returns (B, 2, h, w).
+    """
+    grid = _resize_field(flow, t.shape[-2:])  # (B, h, w, 2)
+    hr, wr = r.shape[-2], r.shape[-1]
+    step = torch.stack([2.0 / wr, 2.0 / hr]).to(t.dtype)
+    tn = _centred_unit(t)
+    rn = _centred_unit(r)
+    candidates, scores = [], []
+    for dy in (-1.0, 0.0, 1.0):
+        for dx in (-1.0, 0.0, 1.0):
+            g = grid + torch.stack([dx * step[0], dy * step[1]])
+            candidates.append(g)
+            scores.append((tn * _sample(rn, g)).sum(dim=1))  # (B, h, w)
+    weights = torch.softmax(torch.stack(scores, dim=-1) / temperature, dim=-1)  # (B, h, w, 9)
+    refined = (torch.stack(candidates, dim=-2) * weights.unsqueeze(-1)).sum(dim=-2)  # (B, h, w, 2)
+    return refined.permute(0, 3, 1, 2)
+
+
 class Correspondence(nn.Module):
     """Build (L, warped ab, 10 similarity maps) for (target, reference) pairs.
 
@@ -87,10 +108,14 @@ class Correspondence(nn.Module):
         tf = [tf1, tf2, tf3, tf4, tf5]
         rf = [rf1, rf2, rf3, rf4, rf5]
         flow_tr, flow_rt = self.flows(tf, rf)
+        # Carry the stride-8 match to the finer layers, refining it locally at strides 4 and 2.
+        fine_4 = _refine(flow_tr, tf[2], rf[2], self.temperature)
+        fine_2 = _refine(fine_4, tf[1], rf[1], self.temperature)
+        level_flows = [fine_2, fine_2, fine_4, flow_tr, flow_tr]
         size = l.shape[-2:]
         forward_maps, reverse_maps = [], []
-        for t, r in zip(tf, rf):
-            grid = _resize_field(flow_tr, t.shape[-2:])
+        for t, r, flow in zip(tf, rf, level_flows):
+            grid = _resize_field(flow, t.shape[-2:])
             matched = _sample(r, grid)
             forward_maps.append(_cosine(t, matched))
             # Where the matched reference point maps back to in the target (bidirectional check).
@@ -100,5 +125,5 @@ class Correspondence(nn.Module):
             F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in forward_maps + reverse_maps
         ]
         smoothed_ab = F.avg_pool2d(ref_ab, 3, stride=1, padding=1, count_include_pad=False)
-        warped_ab = _sample(smoothed_ab, _resize_field(flow_tr, size))
+        warped_ab = _sample(smoothed_ab, _resize_field(fine_2, size))
         return torch.cat([l, warped_ab, *maps], dim=1)

@@ -1,0 +1,356 @@
+"""Reading scans and writing derivatives without harming what the original carried.
+
+Reads JPEG, PNG, TIFF (8/16-bit, gray/RGB/RGBA, LZW/Deflate, first page of multi-page files),
+BMP and WebP. Keeps bit depth, ICC profile, EXIF (orientation included) and alpha, and writes
+atomically: a temp file beside the target, fsynced, then renamed over it.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageCms, ImageFile
+
+from archivecolor.color import gray_to_l, is_near_gray, rgb_to_lab
+from archivecolor.errors import ImageReadError, ImageTooLarge, ImageWriteError
+
+Image.MAX_IMAGE_PIXELS = None  # replaced by our own limit, which names the file and the fix
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+DEFAULT_MAX_PIXELS = 400_000_000
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
+JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
+FORMAT_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "TIFF": ".tif", "BMP": ".bmp", "WEBP": ".webp"}
+_TIFF_ICC, _TIFF_XMP, _TIFF_ORIENTATION = 34675, 700, 274
+_EXIF_ORIENTATION = 0x0112
+
+
+@dataclass
+class Scan:
+    """A decoded image in its stored orientation.
+
+    ``pixels``: (H, W) gray or (H, W, 3) RGB, uint8 or uint16. ``alpha``: (H, W) or None.
+    ``orientation``: the EXIF orientation (1-8) a viewer applies to show it upright.
+    """
+
+    path: Path
+    pixels: np.ndarray
+    format: str
+    bit_depth: int
+    orientation: int = 1
+    alpha: np.ndarray | None = None
+    icc: bytes | None = None
+    exif: bytes | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def height(self) -> int:
+        return self.pixels.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.pixels.shape[1]
+
+    @property
+    def is_gray(self) -> bool:
+        return self.pixels.ndim == 2
+
+    def lightness(self) -> np.ndarray:
+        """CIELAB L in [0, 100], float32 (H, W), in stored orientation."""
+        if self.is_gray:
+            return gray_to_l(self.pixels)
+        return rgb_to_lab(self.pixels)[..., 0]
+
+
+def is_junk(path: Path) -> bool:
+    name = path.name.lower()
+    return name.startswith(".") or name in JUNK_NAMES
+
+
+def is_image_path(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not is_junk(path)
+
+
+def _check_pixels(path: Path, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"{path}: {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,}; "
+            f"raise it with --max-pixels if the file is trusted"
+        )
+
+
+def _png_depth(path: Path) -> tuple[int, int] | None:
+    with open(path, "rb") as handle:
+        head = handle.read(26)
+    if head[:8] != b"\x89PNG\r\n\x1a\n" or len(head) < 26:
+        return None
+    return head[24], head[25]  # bit depth, colour type
+
+
+def _read_tiff(path: Path, max_pixels: int) -> Scan:
+    import tifffile
+
+    warnings = []
+    with tifffile.TiffFile(path) as tif:
+        if len(tif.pages) > 1:
+            warnings.append(f"multi-page TIFF ({len(tif.pages)} pages): only the first page was used")
+        page = tif.pages[0]
+        _check_pixels(path, page.imagewidth, page.imagelength, max_pixels)
+        data = page.asarray()
+        tags = page.tags
+        icc = bytes(tags[_TIFF_ICC].value) if _TIFF_ICC in tags else None
+        orientation = int(tags[_TIFF_ORIENTATION].value) if _TIFF_ORIENTATION in tags else 1
+        photometric = page.photometric.name if page.photometric is not None else ""
+    if data.dtype not in (np.uint8, np.uint16):
+        raise ImageReadError(f"{path}: {data.dtype} TIFF samples are not supported; save it as 8- or 16-bit")
+    alpha = None
+    if data.ndim == 3 and data.shape[-1] == 4 and photometric == "SEPARATED":
+        top = np.iinfo(data.dtype).max
+        k = data[..., 3:4].astype(np.float32)
+        rgb = (top - data[..., :3].astype(np.float32)) * (top - k) / top
+        data = rgb.round().astype(data.dtype)
+        warnings.append("CMYK TIFF converted to RGB without colour management")
+    elif data.ndim == 3 and data.shape[-1] in (2, 4):
+        alpha, data = data[..., -1], data[..., :-1]
+        if data.shape[-1] == 1:
+            data = data[..., 0]
+    if data.ndim == 3 and data.shape[-1] not in (3,):
+        raise ImageReadError(f"{path}: TIFF with {data.shape[-1]} samples per pixel is not supported")
+    depth = 16 if data.dtype == np.uint16 else 8
+    return Scan(path, data, "TIFF", depth, orientation, alpha, icc, None, warnings)
+
+
+def _read_pillow(path: Path, max_pixels: int) -> Scan:
+    warnings: list[str] = []
+    try:
+        with Image.open(path) as im:
+            _check_pixels(path, im.width, im.height, max_pixels)
+            fmt = im.format or path.suffix.lstrip(".").upper()
+            if getattr(im, "n_frames", 1) > 1:
+                warnings.append(f"{im.n_frames} frames: only the first was used")
+            im.load()
+            icc = im.info.get("icc_profile")
+            exif = im.info.get("exif")
+            orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+            mode = im.mode
+            if mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            elif mode == "PA":
+                im = im.convert("RGBA")
+            elif mode == "CMYK":
+                im = im.convert("RGB")
+                warnings.append("CMYK image converted to RGB without colour management")
+                icc = None  # a CMYK profile does not describe the RGB result
+            elif mode in ("1", "YCbCr", "LAB", "HSV"):
+                im = im.convert("L" if mode == "1" else "RGB")
+            elif mode == "F":
+                raise ImageReadError(f"{path}: floating-point images are not supported; save it as 8- or 16-bit")
+            mode = im.mode
+            arr = np.asarray(im)
+    except ImageReadError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageReadError(f"{path}: cannot decode ({exc}); re-export or re-scan the file") from exc
+    alpha = None
+    if mode in ("LA", "RGBA"):
+        alpha, arr = arr[..., -1], arr[..., :-1]
+        if arr.shape[-1] == 1:
+            arr = arr[..., 0]
+    if mode.startswith("I"):
+        arr = np.clip(arr, 0, 65535).astype(np.uint16)
+    depth = 16 if arr.dtype == np.uint16 else 8
+    return Scan(path, np.ascontiguousarray(arr), fmt, depth, orientation, alpha, icc, exif, warnings)
+
+
+def _read_png16(path: Path, max_pixels: int) -> Scan:
+    import imagecodecs
+
+    scan = _read_pillow(path, max_pixels)  # metadata, orientation and the size check
+    data = imagecodecs.png_decode(path.read_bytes())
+    alpha = None
+    if data.ndim == 3 and data.shape[-1] in (2, 4):
+        alpha, data = data[..., -1], data[..., :-1]
+        if data.shape[-1] == 1:
+            data = data[..., 0]
+    scan.pixels, scan.alpha, scan.bit_depth = np.ascontiguousarray(data), alpha, 16
+    return scan
+
+
+def read_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Scan:
+    """Decode ``path`` fully. Raises ImageReadError with a one-line reason naming the file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ImageReadError(f"{path}: cannot open ({exc.strerror})") from exc
+    if size == 0:
+        raise ImageReadError(f"{path}: empty file (0 bytes); re-export or re-scan it")
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    try:
+        if magic in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+            scan = _read_tiff(path, max_pixels)
+        elif (png := _png_depth(path)) is not None and png[0] == 16:
+            scan = _read_png16(path, max_pixels)
+        else:
+            scan = _read_pillow(path, max_pixels)
+    except ImageReadError:
+        raise
+    except Exception as exc:  # decoders raise many types for corrupt data
+        raise ImageReadError(f"{path}: cannot decode ({type(exc).__name__}: {exc}); re-export or re-scan it") from exc
+    if scan.pixels.ndim == 3 and is_near_gray(scan.pixels):
+        scan.warnings.append("input was RGB-toned (sepia or tinted), treated as gray")
+    return scan
+
+
+# --- orientation ---------------------------------------------------------------------------------
+
+
+def to_upright(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply EXIF ``orientation`` to a stored (H, W, ...) array so it shows upright."""
+    ops = {
+        1: lambda a: a,
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.swapaxes(0, 1),
+        6: lambda a: a.swapaxes(0, 1)[:, ::-1],
+        7: lambda a: a.swapaxes(0, 1)[::-1, ::-1],
+        8: lambda a: a.swapaxes(0, 1)[::-1],
+    }
+    return np.ascontiguousarray(ops.get(orientation, ops[1])(arr))
+
+
+def from_upright(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """Inverse of :func:`to_upright`: an upright array back to the stored orientation."""
+    inverse = {6: 8, 8: 6}.get(orientation, orientation)
+    return to_upright(arr, inverse)
+
+
+# --- writing ---------------------------------------------------------------------------------------
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` for a temp file beside ``path``, fsync it, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def icc_colour_space(icc: bytes | None) -> str | None:
+    """The ICC header's data colour space, e.g. ``RGB`` or ``GRAY``."""
+    if not icc or len(icc) < 20:
+        return None
+    return icc[16:20].decode("ascii", "replace").strip()
+
+
+def srgb_profile() -> bytes:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def output_icc(icc: bytes | None) -> tuple[bytes, str | None]:
+    """The profile to embed in an RGB output, and a warning when the source's could not be kept."""
+    space = icc_colour_space(icc)
+    if icc and space == "RGB":
+        return icc, None
+    if icc:
+        return srgb_profile(), f"source ICC profile ({space}) cannot describe RGB output; sRGB embedded instead"
+    return srgb_profile(), None
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _png_with_metadata(encoded: bytes, icc: bytes | None, exif: bytes | None, xmp: bytes | None) -> bytes:
+    """Insert iCCP, eXIf and iTXt (XMP) chunks right after IHDR."""
+    ihdr_end = 8 + 4 + 4 + 13 + 4
+    chunks = b""
+    if icc:
+        chunks += _png_chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(icc))
+    if exif:
+        chunks += _png_chunk(b"eXIf", exif[6:] if exif.startswith(b"Exif\x00\x00") else exif)
+    if xmp:
+        chunks += _png_chunk(b"iTXt", b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + xmp)
+    return encoded[:ihdr_end] + chunks + encoded[ihdr_end:]
+
+
+def write_image(
+    path: Path,
+    rgb: np.ndarray,
+    fmt: str,
+    *,
+    alpha: np.ndarray | None = None,
+    icc: bytes | None = None,
+    exif: bytes | None = None,
+    xmp: bytes | None = None,
+    orientation: int = 1,
+    jpeg_quality: int = 95,
+) -> None:
+    """Write ``rgb`` (H, W, 3) uint8 or uint16 atomically as ``fmt`` with the given metadata.
+
+    JPEG, BMP and WebP are 8-bit: 16-bit data is reduced for them. PNG and TIFF keep 16 bits.
+    """
+    fmt = fmt.upper()
+    if rgb.dtype == np.uint16 and fmt in ("JPEG", "BMP", "WEBP"):
+        rgb = (rgb.astype(np.uint32) * 255 // 65535).astype(np.uint8)
+        alpha = None if alpha is None else (alpha.astype(np.uint32) * 255 // 65535).astype(np.uint8)
+    if alpha is not None:
+        if alpha.dtype != rgb.dtype:
+            scale = 257 if rgb.dtype == np.uint16 else 1 / 257
+            alpha = (alpha.astype(np.float64) * scale).round().astype(rgb.dtype)
+        pixels = np.dstack([rgb, alpha])
+    else:
+        pixels = rgb
+
+    def write(tmp: Path) -> None:
+        if fmt == "TIFF":
+            import tifffile
+
+            extra = [(_TIFF_ORIENTATION, "H", 1, orientation, True)]
+            if icc:
+                extra.append((_TIFF_ICC, "B", len(icc), icc, True))
+            if xmp:
+                extra.append((_TIFF_XMP, "B", len(xmp), xmp, True))
+            tifffile.imwrite(tmp, pixels, photometric="rgb", compression="zlib", metadata=None,
+                             extrasamples=("unassalpha",) if alpha is not None else None, extratags=extra)
+        elif fmt == "PNG":
+            import imagecodecs
+
+            tmp.write_bytes(_png_with_metadata(imagecodecs.png_encode(pixels, level=6), icc, exif, xmp))
+        elif fmt in ("JPEG", "WEBP", "BMP"):
+            im = Image.fromarray(pixels if fmt != "JPEG" else rgb)
+            options: dict = {}
+            if fmt == "JPEG":
+                options = {"quality": jpeg_quality, "subsampling": 0}
+            elif fmt == "WEBP":
+                options = {"lossless": True}
+            if fmt != "BMP":
+                options.update({k: v for k, v in (("icc_profile", icc), ("exif", exif), ("xmp", xmp)) if v})
+            im.save(tmp, format=fmt, **options)
+        else:
+            raise ImageWriteError(f"{path}: cannot write format {fmt!r}; use tiff, png or jpeg")
+
+    try:
+        atomic_write(path, write)
+    except ImageWriteError:
+        raise
+    except OSError as exc:
+        raise ImageWriteError(f"{path}: cannot write ({exc}); check free space and permissions") from exc

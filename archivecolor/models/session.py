@@ -1,0 +1,112 @@
+"""ONNX Runtime sessions: one per graph per process, on the provider that really runs.
+
+ONNX Runtime falls back to CPU silently, so after creating a session we read back
+``get_providers()``, report it, and fail loudly when CUDA was asked for and is not there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from archivecolor.errors import ProviderUnavailable, UsageError
+from archivecolor.models.store import InstalledModel, verified_path
+
+PROVIDER_CHOICES = ("auto", "cuda", "cpu")
+_CUDA = "CUDAExecutionProvider"
+_CPU = "CPUExecutionProvider"
+_cuda_loaded: bool | None = None
+
+
+def gpu_present() -> bool:
+    """Whether an NVIDIA driver is loadable here (checked without asking ONNX Runtime for CUDA)."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def preload_cuda_libraries() -> bool:
+    """Load the CUDA 13 and cuDNN 9 libraries that pip's nvidia wheels install, which ORT cannot find."""
+    global _cuda_loaded
+    if _cuda_loaded is not None:
+        return _cuda_loaded
+    site = Path(sysconfig.get_paths()["purelib"]) / "nvidia"
+    folders = [site / "cu13" / "lib", site / "cudnn" / "lib"]
+    loaded = False
+    for folder in folders:
+        for lib in sorted(glob.glob(str(folder / "lib*.so*"))):
+            try:
+                ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+                loaded = True
+            except OSError:
+                continue
+    _cuda_loaded = loaded
+    return loaded
+
+
+def provider_list(provider: str) -> list:
+    if provider not in PROVIDER_CHOICES:
+        raise UsageError(f"--provider {provider!r}: choose one of {', '.join(PROVIDER_CHOICES)}")
+    cuda = (_CUDA, {"cudnn_conv_algo_search": "HEURISTIC"})
+    if provider == "cpu":
+        return [_CPU]
+    if provider == "cuda":
+        if _CUDA not in ort.get_available_providers():
+            raise ProviderUnavailable("--provider cuda: this onnxruntime build has no CUDA provider; "
+                                      "install onnxruntime-gpu (and not onnxruntime beside it)")
+        if not gpu_present():
+            raise ProviderUnavailable("--provider cuda: no NVIDIA GPU driver (libcuda.so.1) found; use --provider cpu")
+        preload_cuda_libraries()
+        return [cuda, _CPU]
+    if _CUDA in ort.get_available_providers() and gpu_present():
+        preload_cuda_libraries()
+        return [cuda, _CPU]
+    return [_CPU]
+
+
+@dataclass
+class ModelSession:
+    """A verified graph loaded in ONNX Runtime."""
+
+    name: str
+    model: InstalledModel
+    session: ort.InferenceSession
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
+        return self.session.run(outputs, feeds)
+
+
+def open_session(name: str, provider: str = "auto", home: Path | None = None, threads: int = 0) -> ModelSession:
+    """Verify ``name``'s file against the manifest and open it on ``provider`` (auto, cuda or cpu)."""
+    path, entry = verified_path(name, home)
+    providers = provider_list(provider)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    elif os.environ.get("ARCHIVECOLOR_THREADS"):
+        options.intra_op_num_threads = int(os.environ["ARCHIVECOLOR_THREADS"])
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:  # ORT raises its own untyped errors
+        if provider == "cuda":
+            raise ProviderUnavailable(f"{path}: cannot start on CUDA ({exc}); use --provider cpu") from exc
+        raise ProviderUnavailable(f"{path}: ONNX Runtime cannot load it ({exc}); run `archivecolor models pull --force`") from exc
+    actual = session.get_providers()
+    if provider == "cuda" and _CUDA not in actual:
+        raise ProviderUnavailable(f"{path}: CUDA was requested but ONNX Runtime fell back to {actual[0]}; "
+                                  f"check the CUDA 13 / cuDNN 9 libraries or use --provider cpu")
+    return ModelSession(name, entry, session)

@@ -1,0 +1,204 @@
+"""Colorize images with references: the pure core that the runner, the benchmark and Python users call.
+
+Stages, all on ONNX Runtime: VGG features of the target L and of each reference, the
+correspondence (warped reference ab + 10 similarity maps), optional per-pixel fusion of several
+references, the U-Net, and the edge-aware recombination with the original L at full size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from archivecolor.color import denormalise_ab, normalise_ab, normalise_l, rgb_to_lab
+from archivecolor.imageio import Scan, read_image, to_upright
+from archivecolor.models.registry import DEFAULT_BACKBONE, features_name
+from archivecolor.models.session import ModelSession, open_session
+from archivecolor.upsample import box_mean, recombine, resize_plane, working_size
+
+DEFAULT_WORKING_SIZE = 256
+FORWARD_MAPS = slice(3, 8)  # the target→reference similarity maps in the 13-channel input
+
+
+@dataclass
+class Models:
+    """The three graphs of the method, each verified and opened once."""
+
+    features: ModelSession
+    correspondence: ModelSession
+    unet: ModelSession
+    backbone: str = DEFAULT_BACKBONE
+
+    @classmethod
+    def open(cls, provider: str = "auto", home: Path | None = None, backbone: str = DEFAULT_BACKBONE,
+             threads: int = 0) -> Models:
+        return cls(
+            open_session(features_name(backbone), provider, home, threads),
+            open_session("correspondence", provider, home, threads),
+            open_session("unet", provider, home, threads),
+            backbone,
+        )
+
+    @property
+    def provider(self) -> str:
+        return self.unet.provider
+
+    def hashes(self) -> dict[str, str]:
+        return {s.name: s.model.sha256 for s in (self.features, self.correspondence, self.unet)}
+
+    def embed(self, l_batch: np.ndarray, kind: str = "gem") -> np.ndarray:
+        """Retrieval embeddings (B, 512), L2-normalised, of L/100 batches (B, 1, h, w)."""
+        return self.features.run({"l": l_batch}, [f"embedding_{kind}"])[0]
+
+    def features_of(self, l_batch: np.ndarray) -> list[np.ndarray]:
+        return self.features.run({"l": l_batch}, ["f1", "f2", "f3", "f4", "f5"])
+
+
+@dataclass
+class Reference:
+    """A colour reference prepared at working size: its features are computed once and reused."""
+
+    key: str
+    l: np.ndarray  # (1, 1, h, w) L/100
+    ab: np.ndarray  # (1, 2, h, w) ab/128
+    features: list[np.ndarray] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+
+def upright_lab(scan: Scan) -> np.ndarray:
+    """(H, W, 3) CIELAB of a colour scan, shown upright."""
+    pixels = scan.pixels if scan.pixels.ndim == 3 else np.dstack([scan.pixels] * 3)
+    return rgb_to_lab(to_upright(pixels, scan.orientation))
+
+
+def resize_lab(lab: np.ndarray, short_side: int) -> np.ndarray:
+    h, w = working_size(lab.shape[0], lab.shape[1], short_side)
+    return np.dstack([resize_plane(lab[..., c], h, w) for c in range(3)])
+
+
+def reference_from_lab(key: str, lab: np.ndarray, short_side: int, meta: dict | None = None) -> Reference:
+    small = resize_lab(lab, short_side)
+    return Reference(key, normalise_l(small[None, None, ..., 0]),
+                     normalise_ab(small[..., 1:]).transpose(2, 0, 1)[None].copy(), meta=meta or {})
+
+
+def load_reference(path: Path, key: str, short_side: int, meta: dict | None = None) -> Reference:
+    return reference_from_lab(key, upright_lab(read_image(path)), short_side, meta)
+
+
+class ReferenceCache:
+    """LRU of prepared references keyed by sha256: many scans share one reference."""
+
+    def __init__(self, models: Models, capacity: int = 64) -> None:
+        self.models = models
+        self.capacity = capacity
+        self.items: OrderedDict[str, Reference] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str, load) -> Reference:
+        if key in self.items:
+            self.items.move_to_end(key)
+            self.hits += 1
+            return self.items[key]
+        self.misses += 1
+        ref = load()
+        ref.features = self.models.features_of(ref.l)
+        self.items[key] = ref
+        if len(self.items) > self.capacity:
+            self.items.popitem(last=False)
+        return ref
+
+
+@dataclass
+class Prediction:
+    """Model output for one target at working size (upright)."""
+
+    ab: np.ndarray  # (h, w, 2) CIELAB a, b
+    l: np.ndarray  # (h, w) CIELAB L, the guide
+    trust: np.ndarray  # (h, w) in (0, 1): how much the reference colour was believed
+    x13: np.ndarray  # (13, h, w) the U-Net input (warped ab and similarity maps)
+    chosen: np.ndarray  # (h, w) index of the reference used at each pixel
+    similarity: list[float]  # per reference, mean target→reference similarity
+
+
+@dataclass
+class StageTimes:
+    features: float = 0.0
+    correspondence: float = 0.0
+    unet: float = 0.0
+
+    def add(self, other: StageTimes) -> None:
+        self.features += other.features
+        self.correspondence += other.correspondence
+        self.unet += other.unet
+
+
+def fuse(candidates: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel, keep the 13-channel input of the reference with the highest (smoothed) similarity."""
+    if len(candidates) == 1:
+        return candidates[0], np.zeros(candidates[0].shape[-2:], dtype=np.int64)
+    scores = np.stack([box_mean(c[FORWARD_MAPS].mean(axis=0)[..., None], 2)[..., 0] for c in candidates])
+    chosen = scores.argmax(axis=0)
+    stacked = np.stack(candidates)  # (K, 13, h, w)
+    fused = np.take_along_axis(stacked, chosen[None, None], axis=0)[0]
+    return fused, chosen
+
+
+def predict(models: Models, l_batch: np.ndarray, references: list[list[Reference]],
+            times: StageTimes | None = None) -> list[Prediction]:
+    """Colorize a batch of same-size targets.
+
+    l_batch: (B, 1, h, w) float32 L/100, h and w multiples of 16. references: for each target, one
+    or more prepared references (features filled). Returns one Prediction per target.
+    """
+    times = times if times is not None else StageTimes()
+    t0 = time.perf_counter()
+    feats = models.features_of(l_batch)
+    t1 = time.perf_counter()
+    inputs, chosen, sims = [], [], []
+    for i, refs in enumerate(references):
+        target = [f[i : i + 1] for f in feats]
+        candidates = []
+        for ref in refs:
+            feeds = {"l": l_batch[i : i + 1], "ref_ab": ref.ab}
+            feeds.update({f"tf{k + 1}": target[k] for k in range(5)})
+            feeds.update({f"rf{k + 1}": ref.features[k] for k in range(5)})
+            candidates.append(models.correspondence.run(feeds)[0][0])
+        fused, pick = fuse(candidates)
+        inputs.append(fused)
+        chosen.append(pick)
+        sims.append([float(c[FORWARD_MAPS].mean()) for c in candidates])
+    x = np.stack(inputs).astype(np.float32)
+    t2 = time.perf_counter()
+    ab, trust = models.unet.run({"x13": x})
+    t3 = time.perf_counter()
+    times.features += t1 - t0
+    times.correspondence += t2 - t1
+    times.unet += t3 - t2
+    return [
+        Prediction(denormalise_ab(ab[i].transpose(1, 2, 0)), l_batch[i, 0] * 100.0, trust[i, 0], x[i], chosen[i], sims[i])
+        for i in range(len(references))
+    ]
+
+
+def target_l(scan: Scan, short_side: int) -> np.ndarray:
+    """The scan's upright L/100 at working size, (1, 1, h, w) float32."""
+    upright = to_upright(scan.lightness(), scan.orientation)
+    h, w = working_size(upright.shape[0], upright.shape[1], short_side)
+    return normalise_l(resize_plane(upright, h, w))[None, None]
+
+
+def render(scan: Scan, prediction: Prediction, lightness: np.ndarray | None = None) -> np.ndarray:
+    """Full-resolution RGB (stored orientation, the scan's bit depth) with the scan's own L."""
+    from archivecolor.imageio import from_upright
+
+    lightness = scan.lightness() if lightness is None else lightness
+    ab_low = from_upright(prediction.ab, scan.orientation)
+    l_low = from_upright(prediction.l, scan.orientation)
+    dtype = np.uint16 if scan.bit_depth == 16 else np.uint8
+    return recombine(lightness, ab_low, l_low, dtype)

@@ -1,0 +1,129 @@
+"""Export the torch modules to ONNX graphs with dynamic batch and spatial axes (opset 17).
+
+The VGG graphs ship as weightless templates: their weight initializers keep name, shape and type
+but no data, and ``archivecolor models pull`` fills them from whichever weight source is
+available, with no torch at inference time. The U-Net ships with float16 weights to stay small.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from archivecolor.models.registry import ASSET_DIR, WEIGHT_MARK
+from archivecolor.nets.correspondence import Correspondence
+from archivecolor.nets.unet import ColorUNet
+from archivecolor.nets.vgg import FEATURE_CHANNELS, VGGFeatures
+
+OPSET = 17
+FEATURE_OUTPUTS = ["f1", "f2", "f3", "f4", "f5", "embedding_gem", "embedding_avg"]
+
+
+def _to_model(module: torch.nn.Module, args: tuple, inputs: list[str], outputs: list[str], axes: dict) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    torch.onnx.export(module, args, buffer, input_names=inputs, output_names=outputs, dynamic_axes=axes,
+                      opset_version=OPSET, do_constant_folding=True, dynamo=False)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def export_features(vgg: VGGFeatures) -> onnx.ModelProto:
+    axes = {"l": {0: "batch", 2: "height", 3: "width"}}
+    for i, name in enumerate(FEATURE_OUTPUTS):
+        axes[name] = {0: "batch"} if name.startswith("embedding") else {0: "batch", 2: f"h{i + 1}", 3: f"w{i + 1}"}
+    return _to_model(vgg.eval(), (torch.rand(1, 1, 64, 96),), ["l"], FEATURE_OUTPUTS, axes)
+
+
+def export_correspondence() -> onnx.ModelProto:
+    def feats(h: int, w: int) -> list[torch.Tensor]:
+        return [torch.rand(1, c, h >> i, w >> i) for i, c in enumerate(FEATURE_CHANNELS)]
+
+    args = (torch.rand(1, 1, 64, 96), *feats(64, 96), *feats(48, 64), torch.rand(1, 2, 48, 64))
+    inputs = ["l"] + [f"tf{i}" for i in range(1, 6)] + [f"rf{i}" for i in range(1, 6)] + ["ref_ab"]
+    axes = {"l": {0: "batch", 2: "height", 3: "width"}, "ref_ab": {0: "batch", 2: "ref_height", 3: "ref_width"},
+            "x13": {0: "batch", 2: "height", 3: "width"}}
+    for i in range(1, 6):
+        axes[f"tf{i}"] = {0: "batch", 2: f"th{i}", 3: f"tw{i}"}
+        axes[f"rf{i}"] = {0: "batch", 2: f"rh{i}", 3: f"rw{i}"}
+    return _to_model(Correspondence().eval(), args, inputs, ["x13"], axes)
+
+
+def export_unet(unet: ColorUNet) -> onnx.ModelProto:
+    axes = {n: {0: "batch", 2: "height", 3: "width"} for n in ("x13", "ab", "trust")}
+    return _to_model(unet.eval(), (torch.rand(1, 13, 64, 96),), ["x13"], ["ab", "trust"], axes)
+
+
+def strip_weights(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """Drop the data of the named initializers, marking them for the weight filler."""
+    stripped = 0
+    for init in model.graph.initializer:
+        if init.name in names:
+            name, dims, dtype = init.name, list(init.dims), init.data_type
+            init.Clear()
+            init.name = name
+            init.dims.extend(dims)
+            init.data_type = dtype
+            init.doc_string = WEIGHT_MARK
+            stripped += 1
+    if stripped != len(names):
+        raise RuntimeError(f"expected {len(names)} weight initializers, found {stripped}")
+    return model
+
+
+def to_float16_storage(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Store float32 initializers as float16 (marked), to be widened back to float32 on install."""
+    for init in model.graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT:
+            arr = numpy_helper.to_array(init).astype(np.float16)
+            name = init.name
+            init.CopyFrom(numpy_helper.from_array(arr, name))
+            init.doc_string = "archivecolor:fp16"
+    return model
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_asset(model: onnx.ModelProto, name: str, kind: str, asset_dir: Path = ASSET_DIR, extra: dict | None = None) -> dict:
+    """Save ``model`` into the package's assets and return its registry entry."""
+    data = model.SerializeToString()
+    path = asset_dir / f"{name}.onnx"
+    path.write_bytes(data)
+    entry = {
+        "name": name, "kind": kind, "file": path.name, "sha256": sha256_bytes(data), "size": len(data),
+        "inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output],
+    }
+    entry.update(extra or {})
+    return entry
+
+
+def export_all(unet_checkpoint: Path | None, asset_dir: Path = ASSET_DIR) -> dict:
+    """Export every graph into ``asset_dir`` and write its ``registry.json``."""
+    registry_path = asset_dir / "registry.json"
+    registry = json.loads(registry_path.read_text()) if registry_path.exists() else {"models": {}}
+    for backbone in ("vgg16", "vgg19"):
+        vgg = VGGFeatures(backbone)
+        with torch.no_grad():  # distinct values, so the exporter cannot merge equal initializers
+            for p in vgg.parameters():
+                p.normal_()
+        model = strip_weights(export_features(vgg), set(vgg.state_dict()))
+        registry["models"][f"{backbone}_features"] = write_asset(
+            model, f"{backbone}_features", "features", asset_dir, {"backbone": backbone, "template": True})
+    registry["models"]["correspondence"] = write_asset(export_correspondence(), "correspondence", "correspondence", asset_dir)
+    if unet_checkpoint is not None:
+        ckpt = torch.load(unet_checkpoint, map_location="cpu", weights_only=False)
+        unet = ColorUNet(width=ckpt["config"]["width"])
+        unet.load_state_dict(ckpt["model"], strict=True)
+        model = to_float16_storage(export_unet(unet))
+        info = {"width": ckpt["config"]["width"], "epochs": ckpt["epoch"], "config": ckpt["config"]["name"],
+                "backbone": ckpt.get("backbone", "vgg16"), "float16_storage": True}
+        registry["models"]["unet"] = write_asset(model, "unet", "colorizer", asset_dir, info)
+    registry_path.write_text(json.dumps(registry, indent=2, sort_keys=True) + "\n")
+    return registry
