@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,6 +207,30 @@ def read_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Scan:
     if scan.pixels.ndim == 3 and is_near_gray(scan.pixels):
         scan.warnings.append("input was RGB-toned (sepia or tinted), treated as gray")
     return scan
+
+
+def file_walk(root: Path) -> Iterator[tuple[Path, str]]:
+    """Yield (path, kind) under ``root``, kind in image, junk, other; no symlink loops, sorted."""
+    seen: set[tuple[int, int]] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = Path(folder) / name
+            if is_junk(path):
+                yield path, "junk"
+            elif is_image_path(path):
+                yield path, "image"
+            else:
+                yield path, "other"
+
+
+def file_walk_images(root: Path) -> Iterator[Path]:
+    return (path for path, kind in file_walk(root) if kind == "image")
 
 
 # --- orientation ---------------------------------------------------------------------------------

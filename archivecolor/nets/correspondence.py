@@ -55,8 +55,10 @@ def _refine(flow: torch.Tensor, t: torch.Tensor, r: torch.Tensor, temperature: f
     flow: (B, 2, h', w') coarser flow in normalised reference coordinates; returns (B, 2, h, w).
     """
     grid = _resize_field(flow, t.shape[-2:])  # (B, h, w, 2)
-    hr, wr = r.shape[-2], r.shape[-1]
-    step = torch.stack([2.0 / wr, 2.0 / hr]).to(t.dtype)
+    # Sizes as tensors, so that eager mode and the traced (dynamic-shape) graph compute the same.
+    hr = torch.ones_like(r[:1, :1, :, :1]).sum()
+    wr = torch.ones_like(r[:1, :1, :1, :]).sum()
+    step = torch.stack([2.0 / wr, 2.0 / hr])
     tn = _centred_unit(t)
     rn = _centred_unit(r)
     candidates, scores = [], []

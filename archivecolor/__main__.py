@@ -1,0 +1,3 @@
+from archivecolor.cli import app
+
+app(prog_name="archivecolor")

@@ -1,0 +1,432 @@
+"""The reference catalogue: a SQLite file (sqlite-utils) of the user's colour photos and their embeddings.
+
+Indexing is incremental (unchanged files are skipped, moved files are found by hash), commits
+every batch so an interrupted run loses nothing, and records the backbone and features-graph hash
+its embeddings were made with: mixing backbones is refused.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import sqlite_utils
+from PIL import Image
+
+from archivecolor.color import is_near_gray, normalise_l
+from archivecolor.errors import ArchivecolorError, CatalogError
+from archivecolor.imageio import file_walk, read_image, to_upright
+from archivecolor.models.weights import sha256_file
+from archivecolor.upsample import resize_plane
+
+SCHEMA_VERSION = 1
+EMBED_SIZE = 224  # embeddings are taken on a centre square of this size
+EMBEDDING_KINDS = ("gem", "avg")  # GeM of the last layer (default) or the seed's conv4_2 average
+DEFAULT_EMBEDDING = "gem"
+THUMB_SIZE = 128
+_EXIF_DATE = (0x9003, 0x0132)  # DateTimeOriginal (Exif IFD), DateTime
+
+
+def default_catalog_path() -> Path:
+    from archivecolor.models.store import archivecolor_home
+
+    return archivecolor_home() / "catalog.sqlite"
+
+
+@dataclass
+class Match:
+    id: int
+    path: str
+    sha256: str
+    similarity: float
+    collection: str | None = None
+
+
+@dataclass
+class IndexReport:
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    moved: int = 0
+    pruned: int = 0
+    refused_gray: int = 0
+    skipped_junk: int = 0
+    skipped_non_image: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def embedded(self) -> int:
+        return self.added + self.updated
+
+
+def _migrate_1(db: sqlite_utils.Database) -> None:
+    db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+    db["photos"].create(
+        {
+            "id": int, "path": str, "sha256": str, "size": int, "mtime": float, "width": int, "height": int,
+            "is_colour": int, "chroma": float, "date_taken": str, "collection": str, "tags": str,
+            "thumbnail": bytes, "embedding": bytes, "indexed_at": str,
+        },
+        pk="id", not_null={"path", "sha256"}, if_not_exists=True,
+    )
+    db["photos"].create_index(["path"], unique=True, if_not_exists=True)
+    db["photos"].create_index(["sha256"], if_not_exists=True)
+    db["photos"].create_index(["collection"], if_not_exists=True)
+
+
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_1}
+
+
+def centre_square(lightness: np.ndarray, size: int = EMBED_SIZE) -> np.ndarray:
+    """L (H, W) → centre square resized to (size, size), as L/100 (1, 1, size, size)."""
+    h, w = lightness.shape
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    return normalise_l(resize_plane(lightness[top : top + s, left : left + s], size, size))[None, None]
+
+
+def _thumbnail(pixels: np.ndarray) -> bytes:
+    im = Image.fromarray(pixels if pixels.dtype == np.uint8 else (pixels >> 8).astype(np.uint8))
+    im.thumbnail((THUMB_SIZE, THUMB_SIZE))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
+
+
+def _date_taken(exif: bytes | None) -> str | None:
+    if not exif:
+        return None
+    try:
+        parsed = Image.Exif()
+        parsed.load(exif)
+        value = parsed.get_ifd(0x8769).get(_EXIF_DATE[0]) or parsed.get(_EXIF_DATE[1])
+    except Exception:  # malformed EXIF must not stop indexing
+        return None
+    return str(value) if value else None
+
+
+def sha256_of(path: Path) -> str:
+    return sha256_file(path)
+
+
+class Catalog:
+    """An open catalogue file. Create with :meth:`open`."""
+
+    def __init__(self, path: Path, db: sqlite_utils.Database) -> None:
+        self.path = path
+        self.db = db
+        self._matrix: tuple[np.ndarray, list[dict]] | None = None
+
+    @classmethod
+    def open(cls, path: Path | None = None, create: bool = False) -> Catalog:
+        path = Path(path or default_catalog_path())
+        if not path.exists() and not create:
+            raise CatalogError(f"{path}: no catalogue here; build one with `archivecolor index REF_DIR --catalog {path}`")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(path, timeout=30)
+            db = sqlite_utils.Database(conn)
+            db.execute("PRAGMA busy_timeout = 30000")
+            tables = set(db.table_names())
+            if tables and "meta" not in tables:
+                raise CatalogError(f"{path}: a SQLite file but not an archivecolor catalogue; pass another --catalog")
+            db.enable_wal()
+            version = cls._version(db)
+            if version > SCHEMA_VERSION:
+                raise CatalogError(f"{path}: schema version {version} is newer than this archivecolor ({SCHEMA_VERSION}); "
+                                   f"upgrade archivecolor")
+            for v in range(version + 1, SCHEMA_VERSION + 1):
+                with db.conn:
+                    MIGRATIONS[v](db)
+                    db["meta"].upsert({"key": "schema_version", "value": str(v)}, pk="key")
+        except sqlite3.DatabaseError as exc:
+            raise CatalogError(f"{path}: not a readable catalogue ({exc}); move it aside and re-run `archivecolor index`") from exc
+        return cls(path, db)
+
+    @staticmethod
+    def _version(db: sqlite_utils.Database) -> int:
+        if "meta" not in db.table_names():
+            return 0
+        row = db.execute("select value from meta where key = 'schema_version'").fetchone()
+        return int(row[0]) if row else 0
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- metadata -------------------------------------------------------------------------------
+    def meta(self, key: str) -> str | None:
+        row = self.db.execute("select value from meta where key = ?", [key]).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, **values: str) -> None:
+        with self.db.conn:
+            for key, value in values.items():
+                self.db["meta"].upsert({"key": key, "value": value}, pk="key")
+
+    def check_model(self, backbone: str, features_sha256: str, embedding: str) -> None:
+        """Refuse embeddings from another backbone, features graph or embedding kind."""
+        stored = (self.meta("backbone"), self.meta("features_sha256"), self.meta("embedding"))
+        if stored == (None, None, None) or self.count() == 0:
+            self.set_meta(backbone=backbone, features_sha256=features_sha256, embedding=embedding)
+            return
+        if stored != (backbone, features_sha256, embedding):
+            raise CatalogError(
+                f"{self.path}: built with {stored[0]} / features {str(stored[1])[:12]} / {stored[2]} embeddings, "
+                f"but this run uses {backbone} / {features_sha256[:12]} / {embedding}; re-index into a new "
+                f"catalogue (--catalog NEW.sqlite) or rebuild this one with `archivecolor index --rebuild`"
+            )
+
+    def count(self, colour_only: bool = False) -> int:
+        where = " where is_colour = 1" if colour_only else ""
+        return self.db.execute(f"select count(*) from photos{where}").fetchone()[0]
+
+    # --- indexing -------------------------------------------------------------------------------
+    def index(
+        self,
+        ref_dir: Path,
+        embed: Callable[[np.ndarray], np.ndarray],
+        collection: str | None = None,
+        tags: list[str] | None = None,
+        prune: bool = False,
+        batch_size: int = 16,
+        progress: Callable[[int, int, str], None] | None = None,
+    ) -> IndexReport:
+        """Index the colour photos under ``ref_dir``. ``embed`` maps (B, 1, 224, 224) L/100 to (B, 512)."""
+        import time
+
+        started = time.perf_counter()
+        report = IndexReport()
+        entries = list(file_walk(ref_dir))
+        images = [p for p, kind in entries if kind == "image"]
+        report.skipped_junk = sum(kind == "junk" for _, kind in entries)
+        report.skipped_non_image = sum(kind == "other" for _, kind in entries)
+        tag_text = json.dumps(sorted(tags or []))
+        pending: list[tuple[dict, np.ndarray]] = []
+
+        def flush() -> None:
+            if not pending:
+                return
+            vectors = embed(np.concatenate([x for _, x in pending]))
+            with self.db.conn:
+                for (row, _), vec in zip(pending, vectors):
+                    row["embedding"] = np.asarray(vec, dtype=np.float32).tobytes()
+                    self._save(row)
+            pending.clear()
+            self._matrix = None
+
+        for n, path in enumerate(images, 1):
+            if progress:
+                progress(n, len(images), str(path))
+            resolved = str(path.resolve())
+            st = path.stat()
+            row = self.db.execute("select id, size, mtime, sha256 from photos where path = ?", [resolved]).fetchone()
+            if row and row[1] == st.st_size and row[2] == st.st_mtime:
+                report.unchanged += 1
+                with self.db.conn:
+                    self.db["photos"].update(row[0], {"collection": collection, "tags": tag_text})
+                continue
+            digest = sha256_of(path)
+            if row is None:
+                moved = self._moved_from(digest)
+                if moved is not None:
+                    with self.db.conn:
+                        self.db["photos"].update(moved, {"path": resolved, "mtime": st.st_mtime, "size": st.st_size,
+                                                         "collection": collection, "tags": tag_text})
+                    report.moved += 1
+                    continue
+            try:
+                scan = read_image(path)
+            except ArchivecolorError as exc:
+                report.failed.append((str(path), str(exc)))
+                continue
+            record = {
+                "path": resolved, "sha256": digest, "size": st.st_size, "mtime": st.st_mtime,
+                "width": scan.width, "height": scan.height, "date_taken": _date_taken(scan.exif),
+                "collection": collection, "tags": tag_text, "indexed_at": datetime.now(UTC).isoformat(),
+                "thumbnail": _thumbnail(to_upright(scan.pixels, scan.orientation)),
+            }
+            if row is not None:
+                record["id"] = row[0]
+            colour = scan.pixels.ndim == 3 and not is_near_gray(scan.pixels)
+            record["is_colour"] = int(colour)
+            if not colour:
+                report.refused_gray += 1
+                record["embedding"] = None
+                with self.db.conn:
+                    self._save(record)
+                continue
+            report.updated += row is not None
+            report.added += row is None
+            pending.append((record, centre_square(to_upright(scan.lightness(), scan.orientation))))
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+        if prune:
+            report.pruned = self.prune()
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _save(self, record: dict) -> None:
+        if "id" in record:
+            self.db["photos"].upsert(record, pk="id")
+        else:
+            self.db["photos"].insert(record)
+
+    def _moved_from(self, digest: str) -> int | None:
+        for row_id, old in self.db.execute("select id, path from photos where sha256 = ?", [digest]).fetchall():
+            if not Path(old).exists():
+                return row_id
+        return None
+
+    def prune(self) -> int:
+        gone = [row_id for row_id, path in self.db.execute("select id, path from photos").fetchall()
+                if not Path(path).exists()]
+        with self.db.conn:
+            for row_id in gone:
+                self.db["photos"].delete(row_id)
+        self._matrix = None
+        return len(gone)
+
+    def remove(self, paths_or_ids: list[str]) -> int:
+        removed = 0
+        with self.db.conn:
+            for item in paths_or_ids:
+                if item.isdigit():
+                    cur = self.db.execute("delete from photos where id = ?", [int(item)])
+                else:
+                    cur = self.db.execute("delete from photos where path = ?", [str(Path(item).resolve())])
+                removed += cur.rowcount
+        self._matrix = None
+        return removed
+
+    # --- retrieval ------------------------------------------------------------------------------
+    def _load(self) -> tuple[np.ndarray, list[dict]]:
+        """All colour embeddings as one (N, D) matrix, loaded once per catalogue object."""
+        if self._matrix is None:
+            rows = self.db.execute(
+                "select id, path, sha256, collection, tags, embedding from photos "
+                "where is_colour = 1 and embedding is not null order by id"
+            ).fetchall()
+            info = [{"id": r[0], "path": r[1], "sha256": r[2], "collection": r[3], "tags": json.loads(r[4] or "[]")}
+                    for r in rows]
+            matrix = (np.frombuffer(b"".join(r[5] for r in rows), dtype=np.float32).reshape(len(rows), -1)
+                      if rows else np.zeros((0, 512), dtype=np.float32))
+            self._matrix = (matrix, info)
+        return self._matrix
+
+    def search(
+        self, queries: np.ndarray, k: int = 5, collection: str | None = None, tag: str | None = None,
+        exclude_sha256: set[str] | None = None,
+    ) -> list[list[Match]]:
+        """Top-k cosine neighbours for each query embedding (Q, D), L2-normalised."""
+        matrix, info = self._load()
+        mask = np.ones(len(info), dtype=bool)
+        if collection is not None:
+            mask &= np.array([i["collection"] == collection for i in info], dtype=bool)
+        if tag is not None:
+            mask &= np.array([tag in i["tags"] for i in info], dtype=bool)
+        if exclude_sha256:
+            mask &= np.array([i["sha256"] not in exclude_sha256 for i in info], dtype=bool)
+        if not mask.any():
+            where = f" in collection {collection!r}" if collection else ""
+            raise CatalogError(f"{self.path}: no colour references{where}; index some with `archivecolor index`")
+        scores = np.asarray(queries, dtype=np.float32) @ matrix.T
+        scores[:, ~mask] = -np.inf
+        k = min(k, int(mask.sum()))
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        results = []
+        for q, cand in enumerate(top):
+            order = cand[np.argsort(-scores[q, cand])]
+            results.append([Match(info[j]["id"], info[j]["path"], info[j]["sha256"], float(scores[q, j]),
+                                  info[j]["collection"]) for j in order])
+        return results
+
+    def rows(self, collection: str | None = None) -> list[dict]:
+        sql = "select id, path, sha256, width, height, is_colour, collection, tags, date_taken from photos"
+        args: list = []
+        if collection:
+            sql += " where collection = ?"
+            args.append(collection)
+        cur = self.db.execute(sql + " order by id", args)
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur.fetchall()]
+
+    def stats(self) -> dict:
+        by_collection = self.db.execute(
+            "select coalesce(collection, ''), count(*), sum(is_colour) from photos group by 1 order by 1").fetchall()
+        return {
+            "path": str(self.path), "photos": self.count(), "colour": self.count(colour_only=True),
+            "backbone": self.meta("backbone"), "embedding": self.meta("embedding"),
+            "features_sha256": self.meta("features_sha256"), "schema_version": self._version(self.db),
+            "bytes_on_disk": sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*")),
+            "collections": [{"collection": c, "photos": n, "colour": int(k or 0)} for c, n, k in by_collection],
+        }
+
+
+
+
+def _features_session(provider: str, home: Path | None):
+    from archivecolor.models.registry import DEFAULT_BACKBONE, features_name
+    from archivecolor.models.session import open_session
+
+    return open_session(features_name(DEFAULT_BACKBONE), provider, home)
+
+
+def index_references(
+    ref_dir: Path,
+    catalog: Path | None = None,
+    collection: str | None = None,
+    tags: list[str] | None = None,
+    prune: bool = False,
+    rebuild: bool = False,
+    provider: str = "auto",
+    home: Path | None = None,
+    batch_size: int = 16,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> IndexReport:
+    """Index the colour photos under ``ref_dir`` into the catalogue (created if absent)."""
+    from archivecolor.errors import UsageError
+    from archivecolor.models.registry import DEFAULT_BACKBONE
+
+    if not Path(ref_dir).is_dir():
+        raise UsageError(f"{ref_dir}: not a folder; pass the folder of colour reference photos")
+    session = _features_session(provider, home)
+    with Catalog.open(catalog, create=True) as cat:
+        if rebuild:
+            with cat.db.conn:
+                cat.db.execute("delete from photos")
+        cat.check_model(DEFAULT_BACKBONE, session.model.sha256, DEFAULT_EMBEDDING)
+
+        def embed(batch: np.ndarray) -> np.ndarray:
+            return session.run({"l": batch}, [f"embedding_{DEFAULT_EMBEDDING}"])[0]
+
+        return cat.index(Path(ref_dir), embed, collection, tags, prune, batch_size, progress)
+
+
+def search_image(
+    image: Path, catalog: Path | None = None, k: int = 5, collection: str | None = None, tag: str | None = None,
+    provider: str = "auto", home: Path | None = None,
+) -> list[Match]:
+    """The catalogue's nearest references to ``image`` (its gray L), best first."""
+    from archivecolor.models.registry import DEFAULT_BACKBONE
+
+    scan = read_image(image)
+    session = _features_session(provider, home)
+    with Catalog.open(catalog) as cat:
+        cat.check_model(DEFAULT_BACKBONE, session.model.sha256, DEFAULT_EMBEDDING)
+        query = session.run({"l": centre_square(to_upright(scan.lightness(), scan.orientation))},
+                            [f"embedding_{DEFAULT_EMBEDDING}"])[0]
+        return cat.search(query, k, collection=collection, tag=tag, exclude_sha256={sha256_of(image)})[0]

@@ -1,0 +1,331 @@
+"""The command line: parse arguments, call one library function, render the result with Rich."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from archivecolor import __version__
+from archivecolor.errors import ArchivecolorError, UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Colorize archival grayscale scans from reference colour photos.")
+models_app = typer.Typer(no_args_is_help=True, help="Install and inspect the model files.")
+catalog_app = typer.Typer(no_args_is_help=True, help="Inspect and edit the reference catalogue.")
+app.add_typer(models_app, name="models")
+app.add_typer(catalog_app, name="catalog")
+console = Console()
+err = Console(stderr=True)
+
+CatalogOpt = typer.Option(None, "--catalog", help="catalogue file (default $ARCHIVECOLOR_HOME/catalog.sqlite)")
+ProviderOpt = typer.Option("auto", "--provider", help="ONNX Runtime execution provider: auto, cuda or cpu")
+
+
+def errors_handled(func: Callable) -> Callable:
+    """The one error boundary: library errors become `Error: ...` with exit 1 (2 for usage)."""
+
+    @wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except UsageError as exc:
+            err.print(f"Error: {exc}", markup=False, highlight=False)
+            raise typer.Exit(2) from None
+        except ArchivecolorError as exc:
+            err.print(f"Error: {exc}", markup=False, highlight=False)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"archivecolor {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version"),
+) -> None:
+    """Colorize archival grayscale scans from reference colour photos."""
+
+
+def _progress(quiet: bool = False) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err, disable=quiet,
+                    transient=False)
+
+
+# --- models ----------------------------------------------------------------------------------------
+
+
+@models_app.command("pull")
+@errors_handled
+def models_pull(
+    backbone: str = typer.Option("vgg16", help="vgg16 (offline weights available) or vgg19 (needs --weights)"),
+    weights: Path = typer.Option(None, help="torchvision ImageNet .pth for the backbone"),
+    force: bool = typer.Option(False, "--force", help="rebuild every file even if it is current"),
+    offline: bool = typer.Option(False, "--offline", help="never try torchvision's download server"),
+) -> None:
+    """Install the ONNX graphs into $ARCHIVECOLOR_HOME/models, verified by sha256. Idempotent.
+
+    Example: archivecolor models pull
+    """
+    from archivecolor.models.store import model_dir, pull
+
+    done = pull(backbone=backbone, weights=weights, allow_download=not offline, force=force,
+                progress=lambda message: err.print(message))
+    for model, new in done:
+        console.print(f"{'installed' if new else 'current  '}  {model.name:16} {model.size:>12,} B  {model.sha256}")
+    console.print(f"models in {model_dir()}")
+
+
+@models_app.command("list")
+@errors_handled
+def models_list() -> None:
+    """Show each installed model, its size and sha256, and the execution providers here.
+
+    Example: archivecolor models list
+    """
+    import onnxruntime as ort
+
+    from archivecolor.models.session import gpu_present
+    from archivecolor.models.store import model_dir, read_manifest
+
+    table = Table("model", "size", "sha256", "source")
+    for name, model in read_manifest().items():
+        source = model.source.get("weights_from", {}).get("kind", "package")
+        table.add_row(name, f"{model.size:,}", model.sha256, source)
+    console.print(table)
+    console.print(f"store: {model_dir()}")
+    console.print(f"ONNX Runtime {ort.__version__} providers: {', '.join(ort.get_available_providers())}; "
+                  f"GPU driver {'found' if gpu_present() else 'not found'}")
+
+
+# --- catalogue ------------------------------------------------------------------------------------
+
+
+@app.command()
+@errors_handled
+def index(
+    ref_dir: Path = typer.Argument(..., help="folder of colour reference photos (searched recursively)"),
+    catalog: Path = CatalogOpt,
+    collection: str = typer.Option(None, help="collection name stored with these photos"),
+    tag: list[str] = typer.Option(None, "--tag", help="tag stored with these photos (repeatable)"),
+    prune: bool = typer.Option(False, "--prune", help="remove entries whose files are gone"),
+    rebuild: bool = typer.Option(False, "--rebuild", help="drop every entry first (after a model change)"),
+    provider: str = ProviderOpt,
+) -> None:
+    """Index colour reference photos into the SQLite catalogue (incremental).
+
+    Example: archivecolor index ./references --collection moscow-1910
+    """
+    from archivecolor.catalog import index_references
+
+    with _progress() as bar:
+        task = bar.add_task("indexing", total=None, rate="")
+        report = index_references(ref_dir, catalog, collection, tag, prune, rebuild, provider,
+                                  progress=lambda n, total, path: bar.update(task, completed=n, total=total,
+                                                                             rate=Path(path).name[:30]))
+    table = Table("added", "updated", "unchanged", "moved", "pruned", "refused (gray)", "junk", "non-image",
+                  "failed", "photos/s", title="index summary")
+    rate = report.embedded / report.seconds if report.seconds else 0.0
+    table.add_row(*map(str, (report.added, report.updated, report.unchanged, report.moved, report.pruned,
+                             report.refused_gray, report.skipped_junk, report.skipped_non_image,
+                             len(report.failed))), f"{rate:.1f}")
+    console.print(table)
+    for _path, reason in report.failed:
+        console.print(f"failed: {reason}", markup=False, highlight=False)
+
+
+@catalog_app.command("stats")
+@errors_handled
+def catalog_stats(catalog: Path = CatalogOpt) -> None:
+    """Counts by collection, the backbone, and the size on disk.
+
+    Example: archivecolor catalog stats
+    """
+    from archivecolor.catalog import Catalog
+
+    with Catalog.open(catalog) as cat:
+        stats = cat.stats()
+    console.print(f"{stats['path']}: {stats['photos']} photos ({stats['colour']} colour), backbone "
+                  f"{stats['backbone']}, {stats['embedding']} embeddings, {stats['bytes_on_disk']:,} bytes")
+    table = Table("collection", "photos", "colour")
+    for row in stats["collections"]:
+        table.add_row(row["collection"] or "(none)", str(row["photos"]), str(row["colour"]))
+    console.print(table)
+
+
+@catalog_app.command("ls")
+@errors_handled
+def catalog_ls(catalog: Path = CatalogOpt, collection: str = typer.Option(None, help="only this collection")) -> None:
+    """List catalogue entries.
+
+    Example: archivecolor catalog ls --collection moscow-1910
+    """
+    from archivecolor.catalog import Catalog
+
+    with Catalog.open(catalog) as cat:
+        for row in cat.rows(collection):
+            kind = "colour" if row["is_colour"] else "gray (refused)"
+            console.print(f"{row['id']:>6}  {row['width']}x{row['height']}  {kind:15} {row['collection'] or '-':12} "
+                          f"{row['path']}", markup=False, highlight=False)
+
+
+@catalog_app.command("search")
+@errors_handled
+def catalog_search(
+    image: Path = typer.Argument(..., help="a scan or photo to find references for"),
+    k: int = typer.Option(5, "--k", help="how many neighbours"),
+    catalog: Path = CatalogOpt,
+    collection: str = typer.Option(None, help="only this collection"),
+    tag: str = typer.Option(None, help="only photos with this tag"),
+    provider: str = ProviderOpt,
+) -> None:
+    """Show the nearest references to IMAGE with their similarity.
+
+    Example: archivecolor catalog search scan_0001.tif --k 5
+    """
+    from archivecolor.catalog import search_image
+
+    table = Table("rank", "similarity", "id", "collection", "path")
+    for rank, match in enumerate(search_image(image, catalog, k, collection, tag, provider), 1):
+        table.add_row(str(rank), f"{match.similarity:.3f}", str(match.id), match.collection or "-", match.path)
+    console.print(table)
+
+
+@catalog_app.command("rm")
+@errors_handled
+def catalog_rm(
+    items: list[str] = typer.Argument(..., help="catalogue ids or file paths"),
+    catalog: Path = CatalogOpt,
+) -> None:
+    """Remove entries by id or path.
+
+    Example: archivecolor catalog rm 12 ./references/bad.jpg
+    """
+    from archivecolor.catalog import Catalog
+
+    with Catalog.open(catalog) as cat:
+        removed = cat.remove(items)
+    console.print(f"removed {removed} entr{'y' if removed == 1 else 'ies'}")
+
+
+# --- run ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+@errors_handled
+def run(
+    scans_dir: Path = typer.Argument(..., help="folder of grayscale scans (searched recursively)"),
+    out: Path = typer.Option(None, help="output folder (default: <SCANS_DIR>-colorized beside it)"),
+    catalog: Path = CatalogOpt,
+    collection: str = typer.Option(None, help="retrieve references only from this collection"),
+    reference: Path = typer.Option(None, help="use this one colour reference for every scan"),
+    mapping: Path = typer.Option(None, help="CSV with columns scan,reference chosen by hand"),
+    top_k: int = typer.Option(1, "--top-k", help="fuse this many retrieved references per pixel"),
+    working_size: int = typer.Option(256, help="short side the model works at (multiple of 16)"),
+    batch_size: int = typer.Option(4, help="scans per model batch"),
+    provider: str = ProviderOpt,
+    format: str = typer.Option("same", "--format", help="output format: same, tiff, png or jpeg"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="redo files even when up to date"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list what would be done and with which reference"),
+    jobs: int = typer.Option(2, help="threads for decoding and encoding"),
+    xmp_sidecar: bool = typer.Option(False, "--xmp-sidecar", help="also write <output>.xmp"),
+    max_pixels: int = typer.Option(400_000_000, help="refuse images larger than this (decompression bombs)"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar, only the summary"),
+    json_out: bool = typer.Option(False, "--json", help="print the full report as JSON on stdout"),
+) -> None:
+    """Colorize every scan under SCANS_DIR into OUT_DIR, with a provenance sidecar per output.
+
+    Exit code 0: all done or skipped; 1: some files failed; 2: usage error.
+
+    Example: archivecolor run ./scans --out ./scans-colorized --top-k 3
+    """
+    from archivecolor.runner import RunOptions, colorize_folder
+
+    options = RunOptions(out=out, catalog=catalog, collection=collection, reference=reference, mapping=mapping,
+                         top_k=top_k, working_size=working_size, batch_size=batch_size, provider=provider,
+                         format=format, overwrite=overwrite, dry_run=dry_run, jobs=jobs, xmp_sidecar=xmp_sidecar,
+                         max_pixels=max_pixels)
+    stop = {"asked": False}
+
+    def on_sigint(signum, frame):  # noqa: ANN001 - signal handler signature
+        if stop["asked"]:
+            raise KeyboardInterrupt
+        stop["asked"] = True
+        err.print("stopping after the batch in flight (Ctrl-C again to abort now)")
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        with _progress(quiet or json_out) as bar:
+            task = bar.add_task("colorizing", total=None, rate="")
+
+            def progress(result, done, total):
+                elapsed = bar.tasks[0].elapsed or 0.0
+                bar.update(task, completed=done, total=total, rate=f"{done / elapsed:.2f} img/s" if elapsed else "")
+
+            report = colorize_folder(scans_dir, options, progress, lambda: stop["asked"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if json_out:
+        sys.stdout.write(json.dumps(report.as_dict(), indent=2) + "\n")
+    else:
+        _print_run(report, dry_run)
+    if report.interrupted:
+        err.print(f"interrupted: finished files are kept; run the same command again to resume "
+                  f"(the ledger {report.out_dir}/.archivecolor-ledger.sqlite skips what is done)")
+    raise typer.Exit(report.exit_code)
+
+
+def _print_run(report, dry_run: bool) -> None:
+    if dry_run:
+        table = Table("scan", "output", "reference(s)", title="dry run: nothing written")
+        for r in report.results:
+            refs = ", ".join(f"{Path(x['path']).name}" + (f" ({x['similarity']:.3f})" if x.get("similarity") else "")
+                             for x in r.references)
+            table.add_row(r.source, r.output or "-", refs or r.reason)
+        console.print(table)
+    problems = [r for r in report.results if r.status == "failed"]
+    if problems:
+        table = Table("file", "reason", title="failed")
+        for r in problems:
+            table.add_row(r.source, r.reason)
+        console.print(table)
+    counts = ", ".join(f"{report.count(s)} {s}" for s in ("done", "skipped", "failed", "planned") if report.count(s))
+    console.print(f"{counts or 'nothing to do'} in {report.seconds:.1f} s on {report.provider}; "
+                  f"outputs and sidecars (<output>.json) in {report.out_dir}", markup=False, highlight=False)
+
+
+@app.command()
+@errors_handled
+def verify(out_dir: Path = typer.Argument(..., help="an output folder written by `archivecolor run`")) -> None:
+    """Re-hash outputs and sources against their sidecars; report missing, changed and orphaned files.
+
+    Example: archivecolor verify ./scans-colorized
+    """
+    from archivecolor.provenance import verify as verify_outputs
+
+    if not out_dir.is_dir():
+        raise UsageError(f"{out_dir}: not a folder; pass the output folder of a run")
+    report = verify_outputs(out_dir)
+    for label, items in (("missing output", report.missing_output), ("changed output", report.changed_output),
+                         ("missing source", report.missing_source), ("changed source", report.changed_source),
+                         ("orphaned (no sidecar)", report.orphaned), ("unreadable sidecar", report.unreadable)):
+        for item in items:
+            console.print(f"{label}: {item}", markup=False, highlight=False)
+    console.print(f"{len(report.ok)} verified, {len(report.missing_output) + len(report.changed_output)} output "
+                  f"problems, {len(report.missing_source) + len(report.changed_source)} source problems, "
+                  f"{len(report.orphaned)} orphaned")
+    raise typer.Exit(0 if report.clean else 1)

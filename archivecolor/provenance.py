@@ -1,0 +1,178 @@
+"""What was done to each file: the JSON sidecar (versioned schema), embedded XMP, and verification."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+from archivecolor import __version__
+from archivecolor.imageio import atomic_write_bytes, file_walk_images
+from archivecolor.models.weights import sha256_file
+
+SCHEMA_PATH = Path(__file__).with_name("provenance.schema.json")
+SCHEMA_VERSION = 1
+DIGITAL_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/compositeWithTrainedAlgorithmicMedia"
+IPTC_EXT_NS = "http://iptc.org/std/Iptc4xmpExt/2008-02-29/"
+SIDECAR_SUFFIX = ".json"
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def load_schema() -> dict:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def sidecar_path(output: Path) -> Path:
+    return output.with_name(output.name + SIDECAR_SUFFIX)
+
+
+def xmp_sidecar_path(output: Path) -> Path:
+    return output.with_name(output.name + ".xmp")
+
+
+def document_id(source_sha256: str, params_key: str) -> str:
+    """Stable across re-runs of the same source with the same models and parameters."""
+    return f"xmp.did:{uuid.uuid5(uuid.NAMESPACE_URL, f'archivecolor:{source_sha256}:{params_key}')}"
+
+
+def build_xmp(source_rel: str, source_sha256: str, params_key: str, references: list[dict], when: str) -> bytes:
+    """An XMP packet marking the file as an AI-colorized derivative of its source."""
+    agent = f"archivecolor {__version__}"
+    refs = ", ".join(Path(r["path"]).name for r in references)
+    params = escape(f"exemplar colorization; references: {refs}")
+    packet = f"""<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>
+<x:xmpmeta xmlns:x="adobe:ns:meta/">
+ <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">
+  <rdf:Description rdf:about=""
+    xmlns:Iptc4xmpExt="{IPTC_EXT_NS}"
+    xmlns:xmp="http://ns.adobe.com/xap/1.0/"
+    xmlns:xmpMM="http://ns.adobe.com/xap/1.0/mm/"
+    xmlns:stRef="http://ns.adobe.com/xap/1.0/sType/ResourceRef#"
+    xmlns:stEvt="http://ns.adobe.com/xap/1.0/sType/ResourceEvent#"
+    xmlns:dc="http://purl.org/dc/elements/1.1/"
+    Iptc4xmpExt:DigitalSourceType="{DIGITAL_SOURCE_TYPE}"
+    Iptc4xmpExt:AISystemUsed="archivecolor exemplar-based colorization"
+    Iptc4xmpExt:AISystemVersionUsed="{__version__}"
+    xmp:CreatorTool="{agent}"
+    xmp:ModifyDate="{when}"
+    xmpMM:DocumentID="{document_id(source_sha256, params_key)}"
+    xmpMM:InstanceID="xmp.iid:{uuid.uuid4()}"
+    xmpMM:OriginalDocumentID="sha256:{source_sha256}">
+   <xmpMM:DerivedFrom rdf:parseType="Resource">
+    <stRef:documentID>sha256:{source_sha256}</stRef:documentID>
+    <stRef:filePath>{escape(source_rel)}</stRef:filePath>
+   </xmpMM:DerivedFrom>
+   <xmpMM:History>
+    <rdf:Seq>
+     <rdf:li rdf:parseType="Resource">
+      <stEvt:action>derived</stEvt:action>
+      <stEvt:softwareAgent>{agent}</stEvt:softwareAgent>
+      <stEvt:when>{when}</stEvt:when>
+      <stEvt:parameters>{params}</stEvt:parameters>
+     </rdf:li>
+    </rdf:Seq>
+   </xmpMM:History>
+   <dc:description>
+    <rdf:Alt><rdf:li xml:lang="x-default">Colorized derivative of {escape(source_rel)}; colours are an algorithmic estimate, not a record.</rdf:li></rdf:Alt>
+   </dc:description>
+  </rdf:Description>
+ </rdf:RDF>
+</x:xmpmeta>
+<?xpacket end="w"?>"""
+    return packet.encode("utf-8")
+
+
+def read_xmp_fields(xmp: bytes) -> dict[str, str]:
+    """The archival fields back out of an XMP packet (DigitalSourceType, DocumentID, DerivedFrom)."""
+    import xml.etree.ElementTree as ET
+
+    text = xmp.decode("utf-8", "replace")
+    start, end = text.find("<x:xmpmeta"), text.find("</x:xmpmeta>")
+    root = ET.fromstring(text[start : end + len("</x:xmpmeta>")])
+    rdf = "{http://www.w3.org/1999/02/22-rdf-syntax-ns#}"
+    mm = "{http://ns.adobe.com/xap/1.0/mm/}"
+    desc = root.find(f"{rdf}RDF/{rdf}Description")
+    derived = desc.find(f"{mm}DerivedFrom/" + "{http://ns.adobe.com/xap/1.0/sType/ResourceRef#}documentID")
+    return {
+        "DigitalSourceType": desc.get(f"{{{IPTC_EXT_NS}}}DigitalSourceType", ""),
+        "DocumentID": desc.get(f"{mm}DocumentID", ""),
+        "DerivedFrom": derived.text if derived is not None else "",
+    }
+
+
+def write_sidecar(output: Path, document: dict) -> Path:
+    path = sidecar_path(output)
+    atomic_write_bytes(path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
+    return path
+
+
+def make_sidecar(
+    *, source_root: Path, source_rel: str, source_sha256: str, scan_info: dict, output_rel: str,
+    output_sha256: str, output_format: str, output_bit_depth: int, xmp_embedded: bool, xmp_sidecar: str | None,
+    references: list[dict], models: dict[str, str], backbone: str, provider: str, parameters: dict,
+    started: str, finished: str, durations: dict[str, float], warnings: list[str],
+) -> dict:
+    return {
+        "schema": "archivecolor.sidecar", "schema_version": SCHEMA_VERSION, "archivecolor_version": __version__,
+        "source": {"root": str(source_root), "path": source_rel, "sha256": source_sha256, **scan_info},
+        "output": {"path": output_rel, "sha256": output_sha256, "format": output_format,
+                   "bit_depth": output_bit_depth, "xmp_embedded": xmp_embedded, "xmp_sidecar": xmp_sidecar},
+        "references": references, "models": models, "backbone": backbone, "provider": provider,
+        "parameters": parameters, "started_utc": started, "finished_utc": finished,
+        "durations_s": {k: round(v, 4) for k, v in durations.items()}, "warnings": warnings,
+        "digital_source_type": DIGITAL_SOURCE_TYPE,
+    }
+
+
+@dataclass
+class VerifyReport:
+    ok: list[str] = field(default_factory=list)
+    missing_output: list[str] = field(default_factory=list)
+    changed_output: list[str] = field(default_factory=list)
+    missing_source: list[str] = field(default_factory=list)
+    changed_source: list[str] = field(default_factory=list)
+    orphaned: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.missing_output or self.changed_output or self.missing_source or self.changed_source
+                    or self.orphaned or self.unreadable)
+
+
+def verify(out_dir: Path) -> VerifyReport:
+    """Re-hash every output and its source against their sidecars; list orphaned outputs."""
+    report = VerifyReport()
+    with_sidecar: set[Path] = set()
+    for sidecar in sorted(out_dir.rglob(f"*{SIDECAR_SUFFIX}")):
+        try:
+            doc = json.loads(sidecar.read_text())
+            if doc.get("schema") != "archivecolor.sidecar":
+                continue
+            output = out_dir / doc["output"]["path"]
+            source = Path(doc["source"]["root"]) / doc["source"]["path"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            report.unreadable.append(f"{sidecar}: {exc}")
+            continue
+        with_sidecar.add(output.resolve())
+        rel = doc["output"]["path"]
+        if not output.exists():
+            report.missing_output.append(rel)
+        elif sha256_file(output) != doc["output"]["sha256"]:
+            report.changed_output.append(rel)
+        elif not source.exists():
+            report.missing_source.append(rel)
+        elif sha256_file(source) != doc["source"]["sha256"]:
+            report.changed_source.append(rel)
+        else:
+            report.ok.append(rel)
+    for image in file_walk_images(out_dir):
+        if image.resolve() not in with_sidecar:
+            report.orphaned.append(str(image.relative_to(out_dir)))
+    return report
