@@ -147,7 +147,9 @@ class Catalog:
                     MIGRATIONS[v](db)
                     db["meta"].upsert({"key": "schema_version", "value": str(v)}, pk="key")
         except sqlite3.DatabaseError as exc:
-            raise CatalogError(f"{path}: not a readable catalogue ({exc}); move it aside and re-run `archivecolor index`") from exc
+            raise CatalogError(
+                f"{path}: not a readable catalogue ({exc}); move it aside and re-run `archivecolor index`"
+            ) from exc
         return cls(path, db)
 
     @staticmethod

@@ -329,3 +329,53 @@ def verify(out_dir: Path = typer.Argument(..., help="an output folder written by
                   f"problems, {len(report.missing_source) + len(report.changed_source)} source problems, "
                   f"{len(report.orphaned)} orphaned")
     raise typer.Exit(0 if report.clean else 1)
+
+
+@app.command()
+@errors_handled
+def bench(
+    testsets: list[Path] = typer.Argument(None, help="folders of colour ground-truth photos"),
+    catalog: Path = CatalogOpt,
+    references: Path = typer.Option(None, help="folder of references to index for this benchmark"),
+    size: int = typer.Option(224, help="evaluate at SIZE×SIZE (the seed's protocol)"),
+    native: bool = typer.Option(False, "--native", help="evaluate at full resolution through the run path"),
+    methods: str = typer.Option(",".join(("gray", "global", "warp-only", "exemplar", "top-k")),
+                                help="comma-separated: gray, global, warp-only, exemplar, top-k"),
+    limit: int = typer.Option(None, help="only the first N images"),
+    out: Path = typer.Option(Path("bench-report"), help="report folder"),
+    provider: str = ProviderOpt,
+    lpips_net: str = typer.Option("alex", help="LPIPS backbone: alex or vgg"),
+    pairs: Path = typer.Option(None, help="He et al. demo folder (input/, res/, pairs.txt) for a side-by-side"),
+) -> None:
+    """Measure colorization quality and speed on colour test photos, against baselines.
+
+    Example: archivecolor bench ../shared/data/kodak24 --references ../shared/data/sun-hays80
+    """
+    from archivecolor.bench import BenchOptions, run_bench, run_pairs
+
+    if pairs is not None:
+        summary = run_pairs(pairs, out, provider)
+        for who in ("ours", "he2018"):
+            if who in summary:
+                console.print(f"{who:7} colourfulness {summary[who]['colorfulness']:.2f}  "
+                              f"ab-histogram overlap with reference {summary[who]['ab_overlap']:.3f}")
+        console.print(f"side-by-side grid: {out / 'pairs.png'}")
+        return
+    if not testsets:
+        raise UsageError("pass one or more TESTSET folders (or --pairs DIR)")
+    if lpips_net not in ("alex", "vgg"):
+        raise UsageError(f"--lpips-net {lpips_net!r}: choose alex or vgg")
+    options = BenchOptions(catalog=catalog, references=references, size=None if native else size,
+                           methods=tuple(m.strip() for m in methods.split(",") if m.strip()), limit=limit, out=out,
+                           provider=provider, lpips_net=lpips_net)
+    with _progress() as bar:
+        task = bar.add_task("benchmark", total=None, rate="")
+        report = run_bench(testsets, options, lambda n, total, name: bar.update(task, completed=n, total=total,
+                                                                               rate=name[:24]))
+    table = Table("method", "n", "PSNR", "SSIM", "MSE", "LPIPS", "colourfulness", title="benchmark")
+    for name, m in report["methods"].items():
+        table.add_row(name, str(m["n"]), *(("–" if m[k]["mean"] is None else f"{m[k]['mean']:.4f}")
+                                          for k in ("psnr", "ssim", "mse", "lpips", "colorfulness")))
+    console.print(table)
+    tp = report["throughput"]
+    console.print(f"{tp['images_per_s']} images/s on {tp['provider']}; report: {out / 'report.md'}")

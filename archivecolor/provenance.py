@@ -46,6 +46,7 @@ def build_xmp(source_rel: str, source_sha256: str, params_key: str, references: 
     agent = f"archivecolor {__version__}"
     refs = ", ".join(Path(r["path"]).name for r in references)
     params = escape(f"exemplar colorization; references: {refs}")
+    description = escape(f"Colorized derivative of {source_rel}; colours are an algorithmic estimate, not a record.")
     packet = f"""<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>
 <x:xmpmeta xmlns:x="adobe:ns:meta/">
  <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">
@@ -79,7 +80,7 @@ def build_xmp(source_rel: str, source_sha256: str, params_key: str, references: 
     </rdf:Seq>
    </xmpMM:History>
    <dc:description>
-    <rdf:Alt><rdf:li xml:lang="x-default">Colorized derivative of {escape(source_rel)}; colours are an algorithmic estimate, not a record.</rdf:li></rdf:Alt>
+    <rdf:Alt><rdf:li xml:lang="x-default">{description}</rdf:li></rdf:Alt>
    </dc:description>
   </rdf:Description>
  </rdf:RDF>

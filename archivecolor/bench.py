@@ -1,0 +1,495 @@
+"""``archivecolor bench``: colorize ground-truth colour photos from their gray and measure.
+
+Metrics are computed in RGB after Lab→RGB, as the seed does: PSNR (8-bit, MAX=255), SSIM
+(gaussian window σ=1.5, K1=0.01, K2=0.03), MSE on [0, 1] values, LPIPS v0.1 (AlexNet by
+default) and Hasler–Süsstrunk colourfulness. Methods are compared side by side with 95%
+confidence intervals and paired t-tests. LPIPS needs torch (the ``bench`` extra); everything
+else runs on ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from archivecolor.catalog import Catalog, centre_square, index_references, sha256_of
+from archivecolor.color import l_to_gray, lab_to_rgb, normalise_l, rgb_to_lab
+from archivecolor.errors import UsageError
+from archivecolor.imageio import file_walk_images, read_image, to_upright
+from archivecolor.models.weights import load_backbone_weights
+from archivecolor.pipeline import DEFAULT_WORKING_SIZE, Models, Prediction, ReferenceCache, StageTimes, load_reference, predict
+from archivecolor.upsample import recombine, resize_plane
+from archivecolor.upsample import working_size as fit_working_size
+
+METHODS = ("gray", "global", "warp-only", "exemplar", "top-k")
+METRICS = ("psnr", "ssim", "mse", "lpips", "colorfulness")
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "mse": False, "lpips": False, "colorfulness": True}
+TOP_K = 3
+L_BINS = 16
+
+# --- metrics ------------------------------------------------------------------------------------------
+
+
+def to_uint8(rgb01: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(rgb01, 0, 1) * 255).astype(np.uint8)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB between uint8 RGB images, MAX = 255."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def mse01(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean squared error on [0, 1] values of uint8 RGB images."""
+    return float(np.mean((a.astype(np.float64) / 255 - b.astype(np.float64) / 255) ** 2))
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM over RGB channels, gaussian window σ=1.5 (11 taps), K1=0.01, K2=0.03, data range 255."""
+    from scipy.ndimage import gaussian_filter
+
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    scores = []
+    for ch in range(a.shape[-1]):
+        x = a[..., ch].astype(np.float64)
+        y = b[..., ch].astype(np.float64)
+
+        def blur(z: np.ndarray) -> np.ndarray:
+            return gaussian_filter(z, sigma=1.5, truncate=3.5)
+
+        mx, my = blur(x), blur(y)
+        vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+        s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+        pad = 5  # skimage crops the border where the window is incomplete
+        scores.append(s[pad:-pad, pad:-pad].mean())
+    return float(np.mean(scores))
+
+
+def colorfulness(rgb: np.ndarray) -> float:
+    """Hasler & Süsstrunk (2003) colourfulness of a uint8 RGB image."""
+    r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
+    rg, yb = r - g, 0.5 * (r + g) - b
+    return float(np.sqrt(rg.std() ** 2 + yb.std() ** 2) + 0.3 * np.sqrt(rg.mean() ** 2 + yb.mean() ** 2))
+
+
+class LPIPS:
+    """LPIPS v0.1 from the ``lpips`` package, its backbone loaded from our offline weight sources."""
+
+    def __init__(self, net: str = "alex", download_dir: Path | None = None) -> None:
+        try:
+            import lpips
+            import torch
+        except ImportError as exc:
+            raise UsageError("LPIPS needs torch and lpips: pip install 'archivecolor[bench]'") from exc
+        self.torch = torch
+        backbone = {"alex": "alexnet", "vgg": "vgg16"}[net]
+        state, self.source = load_backbone_weights(backbone, download_dir=download_dir)
+        model = lpips.LPIPS(net=net, pnet_rand=True, pretrained=True, verbose=False)
+        own = model.state_dict()
+        for key in own:
+            if key.startswith("net.slice"):
+                index = key.split(".")[2]
+                own[key] = torch.from_numpy(state[f"features.{index}.{key.rsplit('.', 1)[1]}"])
+        model.load_state_dict(own, strict=True)
+        self.model = model.eval()
+
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> float:
+        """LPIPS distance between uint8 RGB images (H, W, 3)."""
+        def tensor(x: np.ndarray):
+            return self.torch.from_numpy(x.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+
+        with self.torch.no_grad():
+            return float(self.model(tensor(a), tensor(b)).item())
+
+
+# --- baselines -----------------------------------------------------------------------------------------
+
+
+def global_transfer(l_target: np.ndarray, ref_lab: np.ndarray) -> np.ndarray:
+    """Reinhard-style global transfer: match the reference's L statistics to the target's, then give
+    each target pixel the mean reference ab of its L band. Returns (H, W, 2) ab."""
+    rl = ref_lab[..., 0].ravel()
+    rl = (rl - rl.mean()) / (rl.std() + 1e-6) * (l_target.std() + 1e-6) + l_target.mean()
+    edges = np.quantile(rl, np.linspace(0, 1, L_BINS + 1)[1:-1])
+    ref_bin = np.digitize(rl, edges)
+    ab = ref_lab[..., 1:].reshape(-1, 2)
+    means = np.stack([ab[ref_bin == k].mean(axis=0) if np.any(ref_bin == k) else ab.mean(axis=0)
+                      for k in range(L_BINS)])
+    return means[np.digitize(l_target, edges)].astype(np.float32)
+
+
+# --- statistics ----------------------------------------------------------------------------------------
+
+
+def mean_ci(values: list[float]) -> dict:
+    from scipy import stats
+
+    x = np.asarray([v for v in values if math.isfinite(v)], dtype=np.float64)
+    if len(x) == 0:
+        return {"mean": None, "ci95": None, "n": 0}
+    half = float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+    return {"mean": float(x.mean()), "ci95": [float(x.mean() - half), float(x.mean() + half)], "n": int(len(x))}
+
+
+def paired_test(a: list[float], b: list[float]) -> dict:
+    from scipy import stats
+
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 2:
+        return {"t": None, "p": None, "mean_diff": None}
+    t, p = stats.ttest_rel(x[ok], y[ok])
+    return {"t": float(t), "p": float(p), "mean_diff": float((x[ok] - y[ok]).mean())}
+
+
+# --- the benchmark -------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchOptions:
+    catalog: Path | None = None
+    references: Path | None = None
+    size: int | None = 224  # None: --native
+    methods: tuple[str, ...] = METHODS
+    limit: int | None = None
+    out: Path = Path("bench-report")
+    provider: str = "auto"
+    lpips_net: str = "alex"
+    home: Path | None = None
+    figures: bool = True
+
+
+@dataclass
+class Sample:
+    name: str
+    group: str
+    gt: np.ndarray  # uint8 RGB at evaluation size
+    l: np.ndarray  # L at evaluation size
+    sha256: str
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    reference: str = ""
+    prediction: Prediction | None = None
+
+
+def _test_images(dirs: list[Path], limit: int | None) -> list[tuple[Path, str]]:
+    items = []
+    for d in dirs:
+        if not d.is_dir():
+            raise UsageError(f"{d}: not a folder of colour test photos")
+        for path in file_walk_images(d):
+            group = d.name if path.parent == d else f"{d.name}/{path.parent.relative_to(d).as_posix()}"
+            items.append((path, group))
+    if not items:
+        raise UsageError(f"no images under {', '.join(map(str, dirs))}")
+    return items[:limit] if limit else items
+
+
+def _load_sample(path: Path, group: str, size: int | None) -> Sample:
+    scan = read_image(path)
+    pixels = scan.pixels if scan.pixels.ndim == 3 else np.dstack([scan.pixels] * 3)
+    pixels = to_upright(pixels, scan.orientation)
+    if pixels.dtype == np.uint16:
+        pixels = (pixels.astype(np.uint32) * 255 // 65535).astype(np.uint8)
+    if size:
+        pixels = np.asarray(Image.fromarray(pixels).resize((size, size), Image.BICUBIC))
+    else:  # the working grid needs multiples of 16; crop the few extra rows and columns
+        h, w = pixels.shape[0] // 16 * 16, pixels.shape[1] // 16 * 16
+        pixels = pixels[:h, :w]
+    lab = rgb_to_lab(pixels)
+    return Sample(path.name, group, pixels, lab[..., 0], sha256_of(path))
+
+
+def _rgb(l: np.ndarray, ab: np.ndarray) -> np.ndarray:
+    return to_uint8(lab_to_rgb(np.dstack([l, ab])))
+
+
+def run_bench(
+    testsets: list[Path], options: BenchOptions, progress: Callable[[int, int, str], None] | None = None
+) -> dict:
+    """Run the benchmark; writes report.json, report.md and figures into ``options.out``."""
+    unknown = set(options.methods) - set(METHODS)
+    if unknown:
+        raise UsageError(f"--methods: unknown {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    catalog_path = options.catalog
+    if options.references is not None:
+        catalog_path = out / "references.sqlite"
+        index_references(options.references, catalog_path, provider=options.provider, home=options.home)
+    if catalog_path is None:
+        raise UsageError("pass --catalog PATH or --references DIR for the references")
+    items = _test_images(testsets, options.limit)
+    models = Models.open(options.provider, options.home)
+    cache = ReferenceCache(models)
+    catalog = Catalog.open(catalog_path)
+    lpips_metric = LPIPS(options.lpips_net, download_dir=default_download_dir(options.home))
+    times = StageTimes()
+    stage = {"decode": 0.0, "recombine": 0.0}
+    samples: list[Sample] = []
+    started = time.perf_counter()
+    k_needed = TOP_K if "top-k" in options.methods else 1
+    side = options.size or DEFAULT_WORKING_SIZE  # --native: the run path's working size, recombined at full size
+    for n, (path, group) in enumerate(items, 1):
+        t = time.perf_counter()
+        sample = _load_sample(path, group, options.size)
+        stage["decode"] += time.perf_counter() - t
+        h, w = fit_working_size(*sample.l.shape, side)
+        l01 = normalise_l(resize_plane(sample.l, h, w))[None, None]
+        query = models.embed(centre_square(sample.l))
+        matches = catalog.search(query, k_needed, exclude_sha256={sample.sha256})[0]
+        refs = [cache.get(m.sha256, lambda m=m: load_reference(Path(m.path), m.sha256, side)) for m in matches]
+        sample.reference = matches[0].path
+        h, w = sample.l.shape
+        if "gray" in options.methods:
+            sample.outputs["gray"] = _rgb(sample.l, np.zeros((h, w, 2), np.float32))
+        if "global" in options.methods:
+            ref_lab = np.dstack([refs[0].l[0, 0] * 100, refs[0].ab[0].transpose(1, 2, 0) * 128])
+            sample.outputs["global"] = _rgb(sample.l, global_transfer(sample.l, ref_lab))
+        if {"exemplar", "warp-only"} & set(options.methods):
+            pred = predict(models, l01, [refs[:1]], times)[0]
+            sample.prediction = pred
+            t = time.perf_counter()
+            sample.outputs["exemplar"] = recombine(sample.l, pred.ab, pred.l)
+            stage["recombine"] += time.perf_counter() - t
+            sample.outputs["warp-only"] = _rgb(sample.l, pred.x13[1:3].transpose(1, 2, 0) * 128)
+        if "top-k" in options.methods and len(refs) > 1:
+            pred = predict(models, l01, [refs], times)[0]
+            sample.outputs["top-k"] = recombine(sample.l, pred.ab, pred.l)
+        for m in list(sample.outputs):
+            if m not in options.methods:
+                del sample.outputs[m]
+        samples.append(sample)
+        if progress:
+            progress(n, len(items), path.name)
+    elapsed = time.perf_counter() - started
+    catalog.close()
+
+    scores: dict[str, dict[str, list[float]]] = {m: {k: [] for k in METRICS} for m in options.methods}
+    for s in samples:
+        for m in options.methods:
+            img = s.outputs.get(m)
+            if img is None:
+                continue
+            scores[m]["psnr"].append(psnr(img, s.gt))
+            scores[m]["ssim"].append(ssim(img, s.gt))
+            scores[m]["mse"].append(mse01(img, s.gt))
+            scores[m]["lpips"].append(lpips_metric(img, s.gt) if lpips_metric else float("nan"))
+            scores[m]["colorfulness"].append(colorfulness(img))
+    report = _report(samples, scores, options, models, elapsed, times, stage, cache, catalog_path, testsets)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if options.figures:
+        report["figures"] = write_figures(samples, scores, options.methods, out)
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    return report
+
+
+def _report(samples, scores, options, models, elapsed, times, stage, cache, catalog_path, testsets) -> dict:
+    methods = {m: {k: mean_ci(v) | {"values": [round(x, 6) for x in v]} for k, v in scores[m].items()}
+               for m in options.methods}
+    for m in methods:
+        methods[m]["n"] = len(scores[m]["psnr"])
+    tests = {}
+    if "exemplar" in options.methods:
+        for m in options.methods:
+            if m != "exemplar" and len(scores[m]["psnr"]) == len(scores["exemplar"]["psnr"]):
+                tests[f"exemplar_vs_{m}"] = {k: paired_test(scores["exemplar"][k], scores[m][k]) for k in METRICS}
+    groups: dict[str, dict] = {}
+    for group in sorted({s.group for s in samples}):
+        idx = [i for i, s in enumerate(samples) if s.group == group]
+        groups[group] = {m: {k: mean_ci([scores[m][k][i] for i in idx if i < len(scores[m][k])])["mean"]
+                             for k in METRICS} for m in options.methods}
+    n = len(samples)
+    return {
+        "schema_version": 1,
+        "protocol": {"size": options.size or "native", "testsets": [str(t) for t in testsets],
+                     "catalog": str(catalog_path), "reference_excludes_self": True, "lpips_net": options.lpips_net},
+        "methods": methods,
+        "paired_t_tests": tests,
+        "groups": groups,
+        "throughput": {
+            "images": n, "seconds": round(elapsed, 3), "images_per_s": round(n / elapsed, 3) if elapsed else None,
+            "stage_seconds": {"decode": round(stage["decode"], 3), "features": round(times.features, 3),
+                              "correspondence": round(times.correspondence, 3), "unet": round(times.unet, 3),
+                              "recombine": round(stage["recombine"], 3)},
+            "provider": models.provider, "batch_size": 1,
+            "threads": models.unet.session.get_session_options().intra_op_num_threads or "default",
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "reference_cache": {"hits": cache.hits, "misses": cache.misses},
+        },
+        "models": models.hashes(),
+        "samples": [{"name": s.name, "group": s.group, "reference": s.reference} for s in samples],
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# archivecolor benchmark ({report['protocol']['size']})", ""]
+    lines.append("| method | n | PSNR (dB) | SSIM | MSE | LPIPS | colourfulness |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for name, m in report["methods"].items():
+        cells = []
+        for k in METRICS:
+            v = m[k]
+            cells.append("–" if v["mean"] is None else
+                         f"{v['mean']:.4f} ± {(v['ci95'][1] - v['ci95'][0]) / 2:.4f}")
+        lines.append(f"| {name} | {m['n']} | " + " | ".join(cells) + " |")
+    if report["paired_t_tests"]:
+        lines += ["", "Paired t-tests (exemplar − other; p-values):", "",
+                  "| comparison | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+        for name, t in report["paired_t_tests"].items():
+            cells = ["–" if t[k]["p"] is None else f"{t[k]['mean_diff']:+.4f} (p={t[k]['p']:.2g})" for k in METRICS]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Per folder (means):", "", "| folder | method | PSNR | SSIM | LPIPS |", "|---|---|---|---|---|"]
+    for group, per in report["groups"].items():
+        for name, m in per.items():
+            fmt = [("–" if m[k] is None else f"{m[k]:.4f}") for k in ("psnr", "ssim", "lpips")]
+            lines.append(f"| {group} | {name} | " + " | ".join(fmt) + " |")
+    tp = report["throughput"]
+    lines += ["", f"Throughput: {tp['images']} images in {tp['seconds']} s ({tp['images_per_s']} images/s) on "
+              f"{tp['provider']}, peak RSS {tp['peak_rss_mb']} MB; stage seconds: {tp['stage_seconds']}", ""]
+    for fig in report.get("figures", []):
+        lines.append(f"![{fig}]({fig})")
+    return "\n".join(lines) + "\n"
+
+
+def _gray_rgb(l: np.ndarray) -> np.ndarray:
+    return np.dstack([to_uint8(l_to_gray(l))] * 3)
+
+
+def write_figures(samples: list[Sample], scores: dict, methods: tuple[str, ...], out: Path) -> list[str]:
+    """Box plots, best/median/worst example grid, and where-the-colour-came-from maps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 4))
+    for ax, k in zip(axes, METRICS):
+        data = [[v for v in scores[m][k] if math.isfinite(v)] for m in methods]
+        ax.boxplot(data, tick_labels=list(methods))
+        ax.set_title(k)
+        ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(out / "boxplots.png", dpi=80)
+    plt.close(fig)
+    names.append("boxplots.png")
+    if "exemplar" in methods and samples:
+        order = np.argsort(scores["exemplar"]["psnr"])
+        picks = {"worst": order[0], "median": order[len(order) // 2], "best": order[-1]}
+        fig, axes = plt.subplots(3, 4, figsize=(12, 9))
+        for row, (label, i) in enumerate(picks.items()):
+            s = samples[i]
+            ref = np.asarray(Image.open(s.reference).convert("RGB"))
+            for col, (title, img) in enumerate((("gray", _gray_rgb(s.l)), ("reference", ref),
+                                                ("output", s.outputs["exemplar"]), ("ground truth", s.gt))):
+                axes[row, col].imshow(img)
+                axes[row, col].set_title(f"{label}: {title}" if col == 0 else title, fontsize=9)
+                axes[row, col].axis("off")
+            axes[row, 2].set_title(f"output {scores['exemplar']['psnr'][i]:.2f} dB", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "examples.png", dpi=80)
+        plt.close(fig)
+        names.append("examples.png")
+        shown = [samples[i] for i in list(picks.values()) if samples[i].prediction is not None]
+        fig, axes = plt.subplots(len(shown), 5, figsize=(15, 3 * len(shown)), squeeze=False)
+        for row, s in enumerate(shown):
+            p = s.prediction
+            panels = (("warped reference", _rgb(s.l, p.x13[1:3].transpose(1, 2, 0) * 128)),
+                      ("similarity conv2 (t→r)", p.x13[4]), ("similarity conv5 (t→r)", p.x13[7]),
+                      ("round-trip similarity conv3", p.x13[10]), ("trust in reference", p.trust))
+            for col, (title, img) in enumerate(panels):
+                axes[row, col].imshow(img, cmap=None if img.ndim == 3 else "magma",
+                                      vmin=None if img.ndim == 3 else 0, vmax=None if img.ndim == 3 else 1)
+                axes[row, col].set_title(f"{s.name}: {title}" if col == 0 else title, fontsize=8)
+                axes[row, col].axis("off")
+        fig.tight_layout()
+        fig.savefig(out / "similarity.png", dpi=80)
+        plt.close(fig)
+        names.append("similarity.png")
+    return names
+
+
+# --- peer comparison -------------------------------------------------------------------------------------
+
+
+def ab_histogram_overlap(a_lab: np.ndarray, b_lab: np.ndarray, bins: int = 32) -> float:
+    """Histogram intersection (0..1) of two images' ab distributions."""
+    rng = [[-110, 110], [-110, 110]]
+    ha, _, _ = np.histogram2d(a_lab[..., 1].ravel(), a_lab[..., 2].ravel(), bins=bins, range=rng)
+    hb, _, _ = np.histogram2d(b_lab[..., 1].ravel(), b_lab[..., 2].ravel(), bins=bins, range=rng)
+    return float(np.minimum(ha / ha.sum(), hb / hb.sum()).sum())
+
+
+def run_pairs(pairs_dir: Path, out: Path, provider: str = "auto", home: Path | None = None,
+              working_size: int = 256) -> dict:
+    """Colorize He et al.'s demo pairs with their given references; compare with their outputs in res/."""
+    listing = pairs_dir / "pairs.txt"
+    if not listing.is_file():
+        raise UsageError(f"{listing}: missing; pass a folder with input/, res/ and pairs.txt")
+    out.mkdir(parents=True, exist_ok=True)
+    models = Models.open(provider, home)
+    rows = []
+    for line in listing.read_text().split("\n"):
+        parts = line.split()
+        if len(parts) < 2:
+            continue
+        target, ref = pairs_dir / "input" / parts[0], pairs_dir / "input" / parts[1]
+        theirs = pairs_dir / "res" / f"{Path(parts[0]).stem}_{Path(parts[1]).stem}.png"
+        scan = read_image(target)
+        lightness = to_upright(scan.lightness(), scan.orientation)
+        h, w = fit_working_size(*lightness.shape, working_size)
+        l_low = resize_plane(lightness, h, w)
+        reference = load_reference(ref, sha256_of(ref), working_size)
+        reference.features = models.features_of(reference.l)
+        pred = predict(models, normalise_l(l_low)[None, None], [[reference]])[0]
+        ours = recombine(lightness, pred.ab, pred.l)
+        ref_lab = rgb_to_lab(np.asarray(Image.open(ref).convert("RGB")))
+        row = {"target": parts[0], "reference": parts[1],
+               "ours": {"colorfulness": colorfulness(ours), "ab_overlap": ab_histogram_overlap(rgb_to_lab(ours), ref_lab)}}
+        their_img = None
+        if theirs.exists():
+            their_img = np.asarray(Image.open(theirs).convert("RGB"))
+            row["he2018"] = {"colorfulness": colorfulness(their_img),
+                             "ab_overlap": ab_histogram_overlap(rgb_to_lab(their_img), ref_lab)}
+        rows.append((row, _gray_rgb(lightness), np.asarray(Image.open(ref).convert("RGB")), ours, their_img))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), 4, figsize=(12, 3 * len(rows)), squeeze=False)
+    for r, (row, gray, ref, ours, theirs) in enumerate(rows):
+        for c, (title, img) in enumerate((("target", gray), ("reference", ref), ("archivecolor", ours),
+                                          ("He et al. 2018", theirs))):
+            if img is not None:
+                axes[r, c].imshow(img)
+            axes[r, c].set_title(f"{row['target']}: {title}" if c == 0 else title, fontsize=8)
+            axes[r, c].axis("off")
+    fig.tight_layout()
+    fig.savefig(out / "pairs.png", dpi=70)
+    plt.close(fig)
+    summary = {"pairs": [r[0] for r in rows]}
+    for who in ("ours", "he2018"):
+        vals = [r[0][who] for r in rows if who in r[0]]
+        if vals:
+            summary[who] = {k: float(np.mean([v[k] for v in vals])) for k in ("colorfulness", "ab_overlap")}
+    (out / "pairs.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def default_download_dir(home: Path | None = None) -> Path:
+    from archivecolor.models.store import archivecolor_home
+
+    return (home or archivecolor_home()) / "downloads"
+
+
