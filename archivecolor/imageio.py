@@ -378,3 +378,13 @@ def write_image(
         raise
     except OSError as exc:
         raise ImageWriteError(f"{path}: cannot write ({exc}); check free space and permissions") from exc
+
+
+def read_embedded_xmp(path: Path) -> bytes | None:
+    """The XMP packet stored uncompressed in a JPEG (APP1), PNG (iTXt) or TIFF (tag 700), if any."""
+    data = Path(path).read_bytes()
+    start = data.find(b"<x:xmpmeta")
+    end = data.find(b"</x:xmpmeta>", start)
+    if start < 0 or end < 0:
+        return None
+    return data[start : end + len(b"</x:xmpmeta>")]

