@@ -1,0 +1,181 @@
+"""End to end: the real CLI over a folder tree of real photos turned gray, mixed with broken files."""
+
+import hashlib
+import io
+import json
+import os
+
+import jsonschema
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+from typer.testing import CliRunner
+
+from archivecolor.catalog import index_references
+from archivecolor.cli import app
+from archivecolor.color import l_to_gray, rgb_to_lab
+from archivecolor.errors import UsageError
+from archivecolor.imageio import read_embedded_xmp, read_image
+from archivecolor.provenance import load_schema, read_xmp_fields
+from archivecolor.runner import RunOptions, colorize_folder
+from tests.conftest import colour_photos, gray_of
+
+runner = CliRunner()
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def scans(tmp_path):
+    photos = colour_photos(4, (240, 160))
+    root = tmp_path / "scans"
+    (root / "box1" / "folder a").mkdir(parents=True)
+    Image.fromarray(gray_of(photos[0])).save(root / "box1" / "plain.jpg", quality=95)
+    tifffile.imwrite(root / "box1" / "folder a" / "deep16.tif", gray_of(photos[1]).astype(np.uint16) * 257,
+                     compression="zlib")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(gray_of(photos[2])).save(root / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    Image.fromarray(gray_of(photos[3])).save(root / "palette.png")
+    Image.fromarray(np.dstack([gray_of(photos[3])] * 3)).convert("CMYK").save(root / "cmyk.jpg")
+    (root / "zero.jpg").write_bytes(b"")
+    buf = io.BytesIO()
+    Image.fromarray(gray_of(photos[0])).save(buf, format="JPEG")
+    (root / "truncated.jpg").write_bytes(buf.getvalue()[:2000])
+    (root / "fake.png").write_text("not a png")
+    (root / "readme.txt").write_text("notes")
+    (root / ".DS_Store").write_bytes(b"junk")
+    Image.fromarray(photos[0]).save(root / "already-colour.png")
+    return root
+
+
+@pytest.fixture
+def reference(tmp_path):
+    path = tmp_path / "reference.jpg"
+    Image.fromarray(colour_photos(5, (256, 192))[4]).save(path, quality=95)
+    return path
+
+
+def _run(*args):
+    return runner.invoke(app, ["run", *map(str, args)], catch_exceptions=False)
+
+
+def test_run_end_to_end(scans, reference, tmp_path, models_home):
+    before = snapshot(scans)
+    out = tmp_path / "out"
+    result = _run(scans, "--out", out, "--reference", reference, "--quiet", "--jobs", "2", "--xmp-sidecar")
+    assert result.exit_code == 1, result.output
+    assert snapshot(scans) == before  # the input tree is never written to
+
+    schema = load_schema()
+    done = {"box1/plain.jpg", "box1/folder a/deep16.tif", "rotated.jpg", "palette.png", "cmyk.jpg"}
+    for rel in done:
+        output = out / rel
+        assert output.exists(), rel
+        sidecar = json.loads((out / (rel + ".json")).read_text())
+        jsonschema.validate(sidecar, schema)
+        assert sidecar["output"]["sha256"] == hashlib.sha256(output.read_bytes()).hexdigest()
+        assert sidecar["source"]["sha256"] == hashlib.sha256((scans / rel).read_bytes()).hexdigest()
+        assert sidecar["provider"] == "CPUExecutionProvider"
+        assert sidecar["references"][0]["sha256"] == hashlib.sha256(reference.read_bytes()).hexdigest()
+        src, dst = read_image(scans / rel), read_image(output)
+        assert (dst.width, dst.height) == (src.width, src.height)
+        assert dst.orientation == src.orientation
+        assert read_xmp_fields(read_embedded_xmp(output))["DerivedFrom"] == "sha256:" + sidecar["source"]["sha256"]
+        assert (out / (rel + ".xmp")).exists()
+    assert "treated as gray" in " ".join(json.loads((out / "cmyk.jpg.json").read_text())["warnings"])
+
+    deep = read_image(out / "box1" / "folder a" / "deep16.tif")
+    assert deep.bit_depth == 16 and deep.pixels.dtype == np.uint16
+    source_l = read_image(scans / "box1" / "folder a" / "deep16.tif").lightness()
+    assert np.abs(rgb_to_lab(deep.pixels)[..., 0] - source_l).max() < 0.05
+    png = read_image(out / "palette.png").pixels
+    gray_back = np.round(l_to_gray(rgb_to_lab(png)[..., 0]) * 255)
+    assert np.abs(gray_back - read_image(scans / "palette.png").pixels).max() <= 1
+    colourful = rgb_to_lab(png)[..., 1:]
+    assert np.hypot(colourful[..., 0], colourful[..., 1]).mean() > 2.0  # it really is colour
+
+    for bad in ("zero.jpg", "truncated.jpg", "fake.png"):
+        assert bad in result.output
+        assert not (out / bad).exists()
+    assert "already-colour.png" not in os.listdir(out)
+
+    again = _run(scans, "--out", out, "--reference", reference, "--json")
+    report = json.loads(again.stdout)
+    assert report["counts"]["done"] == 0 and report["counts"]["failed"] == 3
+    assert {r["source"] for r in report["results"] if r["reason"] == "up to date"} == done
+
+    (out / "rotated.jpg").unlink()
+    third = json.loads(_run(scans, "--out", out, "--reference", reference, "--json").stdout)
+    assert [r["source"] for r in third["results"] if r["status"] == "done"] == ["rotated.jpg"]
+
+    assert runner.invoke(app, ["verify", str(out)]).exit_code == 0
+    with open(out / "palette.png", "ab") as handle:
+        handle.write(b"tampered")
+    verify = runner.invoke(app, ["verify", str(out)])
+    assert verify.exit_code == 1 and "changed output: palette.png" in verify.output
+
+
+def test_clean_folder_exits_zero_and_python_api_returns_results(tmp_path, reference, models_home):
+    scans = tmp_path / "clean"
+    scans.mkdir()
+    Image.fromarray(gray_of(colour_photos(1, (160, 160))[0])).save(scans / "one.png")
+    report = colorize_folder(scans, RunOptions(reference=reference, format="tiff"))
+    assert report.exit_code == 0 and report.count("done") == 1
+    assert report.results[0].output == "one.tif"
+    assert (tmp_path / "clean-colorized" / "one.tif").exists()  # the default sibling folder
+    assert _run(scans, "--reference", reference, "--quiet").exit_code == 0
+
+
+def test_usage_errors_exit_2_and_write_nothing(scans, reference, tmp_path, models_home):
+    before = snapshot(scans)
+    inside = _run(scans, "--out", scans / "out", "--reference", reference)
+    assert inside.exit_code == 2 and "inside the scans folder" in inside.output
+    assert _run(scans, "--format", "gif", "--reference", reference).exit_code == 2
+    assert _run(tmp_path / "nope", "--reference", reference).exit_code == 2
+    with pytest.raises(UsageError):
+        colorize_folder(scans, RunOptions(reference=reference, working_size=100))
+    assert snapshot(scans) == before
+
+
+def test_dry_run_with_catalogue_and_top_k(scans, tmp_path, models_home):
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i, photo in enumerate(colour_photos(6, (192, 128))):
+        Image.fromarray(photo).save(refs / f"r{i}.jpg")
+    db = tmp_path / "cat.sqlite"
+    index_references(refs, db, home=models_home)
+    out = tmp_path / "dry"
+    report = json.loads(_run(scans, "--out", out, "--catalog", db, "--top-k", "2", "--dry-run", "--json").stdout)
+    planned = [r for r in report["results"] if r["status"] == "planned"]
+    assert len(planned) == 5 and all(len(r["references"]) == 2 for r in planned)
+    assert not out.exists()
+
+    small = tmp_path / "small"
+    small.mkdir()
+    Image.fromarray(gray_of(colour_photos(1, (160, 128))[0])).save(small / "s.png")
+    done = colorize_folder(small, RunOptions(out=tmp_path / "fused", catalog=db, top_k=2))
+    refs_used = done.results[0].references
+    assert len(refs_used) == 2 and abs(sum(r["share"] for r in refs_used) - 1.0) < 1e-3
+    assert refs_used[0]["similarity"] >= refs_used[1]["similarity"]
+
+
+def test_mapping_csv(tmp_path, reference, models_home):
+    scans = tmp_path / "mapped"
+    (scans / "a").mkdir(parents=True)
+    Image.fromarray(gray_of(colour_photos(1, (160, 128))[0])).save(scans / "a" / "x.png")
+    Image.fromarray(gray_of(colour_photos(2, (160, 128))[1])).save(scans / "y.png")
+    mapping = tmp_path / "map.csv"
+    mapping.write_text(f"scan,reference\na/x.png,{reference}\n")
+    report = colorize_folder(scans, RunOptions(mapping=mapping))
+    status = {r.source: r for r in report.results}
+    assert status["a/x.png"].status == "done"
+    assert status["y.png"].status == "failed" and "not listed in the mapping" in status["y.png"].reason
+    bad = tmp_path / "bad.csv"
+    bad.write_text("scan,reference\na/x.png,missing.jpg\n")
+    with pytest.raises(UsageError, match="bad.csv:2"):
+        colorize_folder(scans, RunOptions(mapping=bad))
