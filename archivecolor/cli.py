@@ -38,10 +38,10 @@ def errors_handled(func: Callable) -> Callable:
         try:
             return func(*args, **kwargs)
         except UsageError as exc:
-            err.print(f"Error: {exc}", markup=False, highlight=False)
+            err.print(f"Error: {exc}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except ArchivecolorError as exc:
-            err.print(f"Error: {exc}", markup=False, highlight=False)
+            err.print(f"Error: {exc}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -145,7 +145,7 @@ def index(
                              len(report.failed))), f"{rate:.1f}")
     console.print(table)
     for _path, reason in report.failed:
-        console.print(f"failed: {reason}", markup=False, highlight=False)
+        console.print(f"failed: {reason}", markup=False, highlight=False, soft_wrap=True)
 
 
 @catalog_app.command("stats")
@@ -180,7 +180,7 @@ def catalog_ls(catalog: Path = CatalogOpt, collection: str = typer.Option(None, 
         for row in cat.rows(collection):
             kind = "colour" if row["is_colour"] else "gray (refused)"
             console.print(f"{row['id']:>6}  {row['width']}x{row['height']}  {kind:15} {row['collection'] or '-':12} "
-                          f"{row['path']}", markup=False, highlight=False)
+                          f"{row['path']}", markup=False, highlight=False, soft_wrap=True)
 
 
 @catalog_app.command("search")
@@ -305,7 +305,7 @@ def _print_run(report, dry_run: bool) -> None:
         console.print(table)
     counts = ", ".join(f"{report.count(s)} {s}" for s in ("done", "skipped", "failed", "planned") if report.count(s))
     console.print(f"{counts or 'nothing to do'} in {report.seconds:.1f} s on {report.provider}; "
-                  f"outputs and sidecars (<output>.json) in {report.out_dir}", markup=False, highlight=False)
+                  f"outputs and sidecars (<output>.json) in {report.out_dir}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -324,7 +324,7 @@ def verify(out_dir: Path = typer.Argument(..., help="an output folder written by
                          ("missing source", report.missing_source), ("changed source", report.changed_source),
                          ("orphaned (no sidecar)", report.orphaned), ("unreadable sidecar", report.unreadable)):
         for item in items:
-            console.print(f"{label}: {item}", markup=False, highlight=False)
+            console.print(f"{label}: {item}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"{len(report.ok)} verified, {len(report.missing_output) + len(report.changed_output)} output "
                   f"problems, {len(report.missing_source) + len(report.changed_source)} source problems, "
                   f"{len(report.orphaned)} orphaned")

@@ -1,0 +1,80 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import stats
+from skimage import metrics
+
+from archivecolor import bench
+from tests.conftest import DATA, colour_photos, data_dir, gray_of
+
+
+@pytest.fixture(scope="module")
+def pair():
+    photo = colour_photos(1)[0]
+    return photo, np.dstack([gray_of(photo)] * 3)
+
+
+def test_psnr_ssim_mse_match_skimage(pair):
+    truth, gray = pair
+    assert bench.psnr(gray, truth) == pytest.approx(metrics.peak_signal_noise_ratio(truth, gray, data_range=255), abs=1e-6)
+    expected = metrics.structural_similarity(truth, gray, channel_axis=-1, gaussian_weights=True, sigma=1.5,
+                                             use_sample_covariance=False, data_range=255)
+    assert bench.ssim(gray, truth) == pytest.approx(expected, abs=1e-4)
+    assert bench.mse01(gray, truth) == pytest.approx(metrics.mean_squared_error(truth / 255.0, gray / 255.0), abs=1e-9)
+
+
+def test_colorfulness_orders_images(pair):
+    truth, gray = pair
+    assert bench.colorfulness(gray) == pytest.approx(0.0, abs=1e-9)
+    lab_boost = np.clip((truth.astype(float) - truth.mean(-1, keepdims=True)) * 1.5 + truth.mean(-1, keepdims=True), 0, 255)
+    assert bench.colorfulness(lab_boost.astype(np.uint8)) > bench.colorfulness(truth) > 5
+
+
+def test_statistics_match_scipy():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(20, 2, 30), rng.normal(19, 2, 30)
+    ci = bench.mean_ci(list(a))
+    low, high = stats.t.interval(0.95, len(a) - 1, loc=a.mean(), scale=stats.sem(a))
+    assert ci["ci95"] == pytest.approx([low, high])
+    assert bench.paired_test(list(a), list(b))["p"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+
+
+def test_global_transfer_follows_reference_luminance():
+    from archivecolor.color import rgb_to_lab
+
+    ref = rgb_to_lab(colour_photos(2, (96, 64))[1])
+    l = rgb_to_lab(colour_photos(1, (96, 64))[0])[..., 0]
+    ab = bench.global_transfer(l, ref)
+    assert ab.shape == (64, 96, 2) and np.isfinite(ab).all()
+    assert np.abs(ab.reshape(-1, 2).mean(0) - ref[..., 1:].reshape(-1, 2).mean(0)).max() < 15
+
+
+def test_bench_writes_the_report(tmp_path, models_home):
+    kodak = data_dir("kodak24")
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for p in sorted((DATA / "sun-hays80").glob("*.jpg"))[:8] if (DATA / "sun-hays80").is_dir() else []:
+        Image.open(p).save(refs / p.name)
+    options = bench.BenchOptions(references=refs, limit=3, out=tmp_path / "report", home=models_home)
+    report = bench.run_bench([kodak], options)
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    for method in bench.METHODS:
+        assert set(bench.METRICS) <= set(saved["methods"][method])
+        assert saved["methods"][method]["n"] == 3
+    assert report["throughput"]["provider"] == "CPUExecutionProvider"
+    assert set(report["throughput"]["stage_seconds"]) == {"decode", "features", "correspondence", "unet", "recombine"}
+    assert "exemplar_vs_gray" in saved["paired_t_tests"]
+    for name in ("report.md", "boxplots.png", "examples.png", "similarity.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 0
+    # A test image is never its own reference.
+    assert all(s["reference"] and "kodim" not in s["reference"] for s in saved["samples"])
+
+
+def test_pairs_against_he2018(tmp_path, models_home):
+    folder = data_dir("he2018-demo") / "example"
+    summary = bench.run_pairs(folder, tmp_path / "pairs", home=models_home)
+    assert len(summary["pairs"]) == 2 and "he2018" in summary
+    assert 0 <= summary["ours"]["ab_overlap"] <= 1
+    assert (tmp_path / "pairs" / "pairs.png").exists()

@@ -1,0 +1,49 @@
+import subprocess
+import sys
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from archivecolor import __version__
+from archivecolor.cli import app
+
+runner = CliRunner()
+
+
+def _commands(group: typer.Typer, prefix=()):
+    for cmd in group.registered_commands:
+        yield (*prefix, cmd.name or cmd.callback.__name__.replace("_", "-")), cmd.callback
+    for sub in group.registered_groups:
+        yield from _commands(sub.typer_instance, (*prefix, sub.name))
+
+
+def test_version_and_help():
+    assert runner.invoke(app, ["--version"]).output.strip() == f"archivecolor {__version__}"
+    assert "Colorize archival grayscale scans" in runner.invoke(app, ["--help"]).output
+
+
+@pytest.mark.parametrize("path,callback", list(_commands(app)), ids=lambda x: " ".join(x) if isinstance(x, tuple) else "")
+def test_every_command_has_help_with_an_example(path, callback):
+    assert callback.__doc__ and "Example: archivecolor" in callback.__doc__, path
+    result = runner.invoke(app, [*path, "--help"])
+    assert result.exit_code == 0 and "Example" in result.output
+
+
+def test_errors_are_one_line_with_exit_codes(tmp_path):
+    missing = runner.invoke(app, ["catalog", "stats", "--catalog", str(tmp_path / "none.sqlite")])
+    assert missing.exit_code == 1 and missing.output.startswith("Error: ") and "Traceback" not in missing.output
+    usage = runner.invoke(app, ["verify", str(tmp_path / "nope")])
+    assert usage.exit_code == 2 and "not a folder" in usage.output
+
+
+def test_inference_commands_do_not_import_torch():
+    code = ("import sys; import archivecolor.cli, archivecolor.runner, archivecolor.catalog, archivecolor.pipeline; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_models_list_shows_providers(models_home):
+    result = runner.invoke(app, ["models", "list"])
+    assert result.exit_code == 0 and "CPUExecutionProvider" in result.output and "unet" in result.output

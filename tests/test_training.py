@@ -1,0 +1,68 @@
+"""The training path on a tiny generated data folder: pairs, a real optimisation step, resume, export."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import DOWNLOADS, colour_photos
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture
+def data_root(tmp_path):
+    from training.config import TRAIN_FOLDERS
+
+    root = tmp_path / "data"
+    photos = colour_photos(8, (96, 80))
+    for i, photo in enumerate(photos):
+        folder = root / TRAIN_FOLDERS[i % len(TRAIN_FOLDERS)]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo).save(folder / f"p{i}.jpg")
+    (root / "kodak24").mkdir()
+    Image.fromarray(photos[0]).save(root / "kodak24" / "test.png")  # a test set: never used
+    return root
+
+
+def test_train_resume_and_export(data_root, tmp_path):
+    from export.onnx_export import export_all
+    from training.config import CONFIGS, TEST_FOLDERS, TRAIN_FOLDERS
+    from training.data import list_photos
+    from training.train import Trainer
+
+    assert not set(TRAIN_FOLDERS) & set(TEST_FOLDERS)
+    assert all("kodak24" not in p.parts for p in list_photos(data_root))
+    config = replace(CONFIGS["cpu-small"], size=48, width=8, epochs=2, batch_size=2, validation_every=4)
+    out = tmp_path / "run"
+    (out).mkdir()
+    (out / "downloads").symlink_to(DOWNLOADS)
+    trainer = Trainer(config, data_root, out, device="cpu")
+    assert len(trainer.train_photos) == 6 and trainer.val_rows
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    history = trainer.fit(1)
+    assert history[0]["epoch"] == 1 and np.isfinite(history[0]["val_psnr"])
+    changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed
+    assert (out / "last.pt").exists()
+
+    resumed = Trainer(config, data_root, out, device="cpu")
+    assert resumed.resume() and resumed.epoch == 1
+    resumed.fit(2)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    registry = export_all(out / "last.pt", assets)
+    unet = registry["models"]["unet"]
+    assert unet["width"] == 8 and unet["epochs"] == 2 and unet["float16_storage"]
+    import onnxruntime as ort
+
+    from archivecolor.models.store import widen_float16
+
+    session = ort.InferenceSession(widen_float16((assets / "unet.onnx").read_bytes()), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 13, 48, 64)).astype(np.float32)
+    with torch.no_grad():
+        expected = resumed.model.eval()(torch.from_numpy(x))[0].numpy()
+    assert np.abs(session.run(["ab"], {"x13": x})[0] - expected).max() < 5e-3  # float16 storage
