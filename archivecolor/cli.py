@@ -130,20 +130,22 @@ def index(
 
     Example: archivecolor index ./references --collection moscow-1910
     """
-    from archivecolor.catalog import index_references
+    from archivecolor.catalog import default_catalog_path, index_references
 
     with _progress() as bar:
         task = bar.add_task("indexing", total=None, rate="")
         report = index_references(ref_dir, catalog, collection, tag, prune, rebuild, provider,
                                   progress=lambda n, total, path: bar.update(task, completed=n, total=total,
                                                                              rate=Path(path).name[:30]))
-    table = Table("added", "updated", "unchanged", "moved", "pruned", "refused (gray)", "junk", "non-image",
-                  "failed", "photos/s", title="index summary")
     rate = report.embedded / report.seconds if report.seconds else 0.0
-    table.add_row(*map(str, (report.added, report.updated, report.unchanged, report.moved, report.pruned,
-                             report.refused_gray, report.skipped_junk, report.skipped_non_image,
-                             len(report.failed))), f"{rate:.1f}")
+    table = Table("", "files", title="index summary")
+    for label, value in (("added", report.added), ("updated", report.updated), ("unchanged", report.unchanged),
+                         ("moved", report.moved), ("pruned", report.pruned), ("refused: gray", report.refused_gray),
+                         ("skipped: junk", report.skipped_junk), ("skipped: not an image", report.skipped_non_image),
+                         ("failed", len(report.failed))):
+        table.add_row(label, str(value))
     console.print(table)
+    console.print(f"{rate:.1f} photos/s embedded; catalogue {catalog or default_catalog_path()}")
     for _path, reason in report.failed:
         console.print(f"failed: {reason}", markup=False, highlight=False, soft_wrap=True)
 
