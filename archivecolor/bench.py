@@ -419,6 +419,34 @@ def write_figures(samples: list[Sample], scores: dict, methods: tuple[str, ...],
     return names
 
 
+# --- retrieval at scale --------------------------------------------------------------------------------
+
+
+def retrieval_latency(sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000), queries: int = 16, k: int = 5,
+                      dim: int = 512, repeats: int = 5) -> list[dict]:
+    """Exact top-k query latency over synthetic unit embeddings, as the catalogue runs it (in memory)."""
+    from archivecolor.catalog import top_k
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in sizes:
+        matrix = rng.standard_normal((n, dim), dtype=np.float32)
+        matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+        q = matrix[rng.integers(0, n, queries)] + 0.01
+        mask = np.ones(n, dtype=bool)
+        top_k(q, matrix, mask, k)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            top_k(q, matrix, mask, k)
+            times.append(time.perf_counter() - t)
+        best = min(times)
+        rows.append({"embeddings": n, "batch": queries, "ms_per_batch": round(best * 1e3, 2),
+                     "ms_per_query": round(best * 1e3 / queries, 3), "matrix_mb": round(matrix.nbytes / 2**20, 1)})
+        del matrix
+    return rows
+
+
 # --- peer comparison -------------------------------------------------------------------------------------
 
 

@@ -116,6 +116,19 @@ def sha256_of(path: Path) -> str:
     return sha256_file(path)
 
 
+def top_k(queries: np.ndarray, matrix: np.ndarray, mask: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
+    """Exact cosine top-k: one matrix product for the batch of (Q, D) queries against (N, D) rows."""
+    scores = queries @ matrix.T
+    scores[:, ~mask] = -np.inf
+    k = min(k, int(mask.sum()))
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    out = []
+    for q, cand in enumerate(top):
+        order = cand[np.argsort(-scores[q, cand])]
+        out.append([(int(j), float(scores[q, j])) for j in order])
+    return out
+
+
 class Catalog:
     """An open catalogue file. Create with :meth:`open`."""
 
@@ -345,16 +358,9 @@ class Catalog:
         if not mask.any():
             where = f" in collection {collection!r}" if collection else ""
             raise CatalogError(f"{self.path}: no colour references{where}; index some with `archivecolor index`")
-        scores = np.asarray(queries, dtype=np.float32) @ matrix.T
-        scores[:, ~mask] = -np.inf
-        k = min(k, int(mask.sum()))
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        results = []
-        for q, cand in enumerate(top):
-            order = cand[np.argsort(-scores[q, cand])]
-            results.append([Match(info[j]["id"], info[j]["path"], info[j]["sha256"], float(scores[q, j]),
-                                  info[j]["collection"]) for j in order])
-        return results
+        ranked = top_k(np.asarray(queries, dtype=np.float32), matrix, mask, k)
+        return [[Match(info[j]["id"], info[j]["path"], info[j]["sha256"], score, info[j]["collection"])
+                 for j, score in row] for row in ranked]
 
     def rows(self, collection: str | None = None) -> list[dict]:
         sql = "select id, path, sha256, width, height, is_colour, collection, tags, date_taken from photos"

@@ -348,13 +348,20 @@ def bench(
     provider: str = ProviderOpt,
     lpips_net: str = typer.Option("alex", help="LPIPS backbone: alex or vgg"),
     pairs: Path = typer.Option(None, help="He et al. demo folder (input/, res/, pairs.txt) for a side-by-side"),
+    retrieval: bool = typer.Option(False, "--retrieval", help="time catalogue queries at 10k, 100k and 1M embeddings"),
 ) -> None:
     """Measure colorization quality and speed on colour test photos, against baselines.
 
     Example: archivecolor bench ../shared/data/kodak24 --references ../shared/data/sun-hays80
     """
-    from archivecolor.bench import BenchOptions, run_bench, run_pairs
+    from archivecolor.bench import BenchOptions, retrieval_latency, run_bench, run_pairs
 
+    if retrieval:
+        table = Table("embeddings", "batch", "ms / batch", "ms / query", "matrix MB", title="exact retrieval (numpy)")
+        for row in retrieval_latency():
+            table.add_row(*(str(row[k]) for k in ("embeddings", "batch", "ms_per_batch", "ms_per_query", "matrix_mb")))
+        console.print(table)
+        return
     if pairs is not None:
         summary = run_pairs(pairs, out, provider)
         for who in ("ours", "he2018"):

@@ -148,3 +148,33 @@ def test_retrieval_finds_dogs(tmp_path, models_home):
     print(f"dog queries: {len(counts)}, mean dogs in top 5: {np.mean(counts):.2f}")
     assert np.mean(counts) >= 3.0
 
+
+
+def test_interrupted_index_keeps_committed_batches(tmp_path, refs, models_home):
+    db = tmp_path / "cat.sqlite"
+
+    def stop_after_four(n, total, path):
+        if n > 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        index_references(refs, db, batch_size=2, progress=stop_after_four, home=models_home)
+    with Catalog.open(db) as cat:
+        kept = cat.count()
+    assert kept >= 2
+    rest = index_references(refs, db, batch_size=2, home=models_home)
+    assert rest.unchanged == kept and rest.added + rest.refused_gray + kept == 7
+
+
+def test_top_k_is_exact():
+    from archivecolor.catalog import top_k
+
+    rng = np.random.default_rng(3)
+    matrix = rng.normal(size=(500, 16)).astype(np.float32)
+    queries = rng.normal(size=(4, 16)).astype(np.float32)
+    mask = rng.random(500) > 0.3
+    got = top_k(queries, matrix, mask, 5)
+    for q, row in enumerate(got):
+        scores = queries[q] @ matrix.T
+        scores[~mask] = -np.inf
+        assert [j for j, _ in row] == list(np.argsort(-scores)[:5])

@@ -179,3 +179,20 @@ def test_mapping_csv(tmp_path, reference, models_home):
     bad.write_text("scan,reference\na/x.png,missing.jpg\n")
     with pytest.raises(UsageError, match="bad.csv:2"):
         colorize_folder(scans, RunOptions(mapping=bad))
+
+
+def test_interrupt_finishes_the_batch_and_resumes(tmp_path, reference, models_home):
+    scans = tmp_path / "many"
+    scans.mkdir()
+    for i, photo in enumerate(colour_photos(5, (128, 96))):
+        Image.fromarray(gray_of(photo)).save(scans / f"s{i}.png")
+    out = tmp_path / "many-out"
+    seen = []
+    first = colorize_folder(scans, RunOptions(out=out, reference=reference, batch_size=2),
+                            progress=lambda r, done, total: seen.append(r.source), should_stop=lambda: len(seen) >= 1)
+    assert first.interrupted and 1 <= first.count("done") < 5
+    assert not [p for p in out.rglob("*.tmp")]  # nothing partial
+    for r in first.results:
+        assert (out / r.output).exists() and (out / (r.output + ".json")).exists()
+    second = colorize_folder(scans, RunOptions(out=out, reference=reference, batch_size=2))
+    assert second.count("done") == 5 - first.count("done") and second.count("skipped") == first.count("done")
