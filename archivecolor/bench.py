@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from archivecolor.catalog import Catalog, centre_square, index_references, sha256_of
+from archivecolor.catalog import Catalog, centre_square, index_references
 from archivecolor.color import l_to_gray, lab_to_rgb, normalise_l, rgb_to_lab
 from archivecolor.errors import UsageError
 from archivecolor.imageio import file_walk_images, read_image, to_upright
-from archivecolor.models.weights import load_backbone_weights
+from archivecolor.models.weights import load_backbone_weights, sha256_file
 from archivecolor.pipeline import DEFAULT_WORKING_SIZE, Models, Prediction, ReferenceCache, StageTimes, load_reference, predict
 from archivecolor.upsample import recombine, resize_plane
 from archivecolor.upsample import working_size as fit_working_size
@@ -205,7 +205,7 @@ def _load_sample(path: Path, group: str, size: int | None) -> Sample:
         h, w = pixels.shape[0] // 16 * 16, pixels.shape[1] // 16 * 16
         pixels = pixels[:h, :w]
     lab = rgb_to_lab(pixels)
-    return Sample(path.name, group, pixels, lab[..., 0], sha256_of(path))
+    return Sample(path.name, group, pixels, lab[..., 0], sha256_file(path))
 
 
 def _rgb(l: np.ndarray, ab: np.ndarray) -> np.ndarray:
@@ -477,7 +477,7 @@ def run_pairs(pairs_dir: Path, out: Path, provider: str = "auto", home: Path | N
         lightness = to_upright(scan.lightness(), scan.orientation)
         h, w = fit_working_size(*lightness.shape, working_size)
         l_low = resize_plane(lightness, h, w)
-        reference = load_reference(ref, sha256_of(ref), working_size)
+        reference = load_reference(ref, sha256_file(ref), working_size)
         reference.features = models.features_of(reference.l)
         pred = predict(models, normalise_l(l_low)[None, None], [[reference]])[0]
         ours = recombine(lightness, pred.ab, pred.l)

@@ -112,10 +112,6 @@ def _date_taken(exif: bytes | None) -> str | None:
     return str(value) if value else None
 
 
-def sha256_of(path: Path) -> str:
-    return sha256_file(path)
-
-
 def top_k(queries: np.ndarray, matrix: np.ndarray, mask: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
     """Exact cosine top-k: one matrix product for the batch of (Q, D) queries against (N, D) rows."""
     scores = queries @ matrix.T
@@ -253,7 +249,7 @@ class Catalog:
                 with self.db.conn:
                     self.db["photos"].update(row[0], {"collection": collection, "tags": tag_text})
                 continue
-            digest = sha256_of(path)
+            digest = sha256_file(path)
             if row is None:
                 moved = self._moved_from(digest)
                 if moved is not None:
@@ -437,4 +433,4 @@ def search_image(
         cat.check_model(DEFAULT_BACKBONE, session.model.sha256, DEFAULT_EMBEDDING)
         query = session.run({"l": centre_square(to_upright(scan.lightness(), scan.orientation))},
                             [f"embedding_{DEFAULT_EMBEDDING}"])[0]
-        return cat.search(query, k, collection=collection, tag=tag, exclude_sha256={sha256_of(image)})[0]
+        return cat.search(query, k, collection=collection, tag=tag, exclude_sha256={sha256_file(image)})[0]
