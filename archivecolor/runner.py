@@ -339,6 +339,8 @@ def colorize_folder(
         embed_xmp = fmt in _XMP_FORMATS
         if not embed_xmp:
             warnings.append(f"{fmt} cannot carry XMP; provenance is in the JSON sidecar only")
+        if scan.exif and fmt in ("TIFF", "BMP"):
+            warnings.append(f"the source's EXIF block is not written into {fmt} output (orientation is kept)")
         out_path = out_dir / job.output_rel
         bit_depth = 16 if rgb.dtype == np.uint16 and fmt in ("PNG", "TIFF") else 8
         write_image(out_path, rgb, fmt, alpha=scan.alpha, icc=icc, exif=scan.exif,
