@@ -246,8 +246,9 @@ class Catalog:
             row = self.db.execute("select id, size, mtime, sha256 from photos where path = ?", [resolved]).fetchone()
             if row and row[1] == st.st_size and row[2] == st.st_mtime:
                 report.unchanged += 1
-                with self.db.conn:
-                    self.db["photos"].update(row[0], {"collection": collection, "tags": tag_text})
+                if collection is not None or tags:  # re-labelling without re-embedding
+                    with self.db.conn:
+                        self.db["photos"].update(row[0], {"collection": collection, "tags": tag_text})
                 continue
             digest = sha256_file(path)
             if row is None:
