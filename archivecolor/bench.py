@@ -13,6 +13,7 @@ import json
 import math
 import resource
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +94,9 @@ class LPIPS:
         self.torch = torch
         backbone = {"alex": "alexnet", "vgg": "vgg16"}[net]
         state, self.source = load_backbone_weights(backbone, download_dir=download_dir)
-        model = lpips.LPIPS(net=net, pnet_rand=True, pretrained=True, verbose=False)
+        with warnings.catch_warnings():  # torchvision's notes on its own deprecated arguments, inside lpips
+            warnings.simplefilter("ignore", UserWarning)
+            model = lpips.LPIPS(net=net, pnet_rand=True, pretrained=True, verbose=False)
         own = model.state_dict()
         for key in own:
             if key.startswith("net.slice"):
