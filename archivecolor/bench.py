@@ -25,6 +25,7 @@ from archivecolor.catalog import Catalog, centre_square, index_references
 from archivecolor.color import l_to_gray, lab_to_rgb, normalise_l, rgb_to_lab
 from archivecolor.errors import UsageError
 from archivecolor.imageio import file_walk_images, read_image, to_upright
+from archivecolor.models.store import model_dir
 from archivecolor.models.weights import load_backbone_weights, sha256_file
 from archivecolor.pipeline import DEFAULT_WORKING_SIZE, Models, Prediction, ReferenceCache, StageTimes, load_reference, predict
 from archivecolor.upsample import recombine, resize_plane
@@ -290,7 +291,8 @@ def run_bench(
     report = _report(samples, scores, options, models, elapsed, times, stage, cache, catalog_path, testsets)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     if options.figures:
-        report["figures"] = write_figures(samples, scores, options.methods, out)
+        unet_path = model_dir(options.home) / models.unet.model.file
+        report["figures"] = write_figures(samples, scores, options.methods, out, unet_path)
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
     return report
@@ -368,8 +370,9 @@ def _gray_rgb(l: np.ndarray) -> np.ndarray:
     return np.dstack([to_uint8(l_to_gray(l))] * 3)
 
 
-def write_figures(samples: list[Sample], scores: dict, methods: tuple[str, ...], out: Path) -> list[str]:
-    """Box plots, best/median/worst example grid, and where-the-colour-came-from maps."""
+def write_figures(samples: list[Sample], scores: dict, methods: tuple[str, ...], out: Path,
+                  unet_path: Path | None = None) -> list[str]:
+    """Box plots, best/median/worst example grid, and where-the-colour-came-from maps with Grad-CAM."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -404,12 +407,14 @@ def write_figures(samples: list[Sample], scores: dict, methods: tuple[str, ...],
         plt.close(fig)
         names.append("examples.png")
         shown = [samples[i] for i in list(picks.values()) if samples[i].prediction is not None]
-        fig, axes = plt.subplots(len(shown), 5, figsize=(15, 3 * len(shown)), squeeze=False)
+        gradcam = UNetGradCAM(unet_path) if unet_path is not None else None
+        fig, axes = plt.subplots(len(shown), 6, figsize=(18, 3 * len(shown)), squeeze=False)
         for row, s in enumerate(shown):
             p = s.prediction
             panels = (("warped reference", _rgb(s.l, p.x13[1:3].transpose(1, 2, 0) * 128)),
                       ("similarity conv2 (t→r)", p.x13[4]), ("similarity conv5 (t→r)", p.x13[7]),
-                      ("round-trip similarity conv3", p.x13[10]), ("trust in reference", p.trust))
+                      ("round-trip similarity conv3", p.x13[10]), ("trust in reference", p.trust),
+                      ("Grad-CAM (U-Net bottleneck)", gradcam(p.x13) if gradcam else np.zeros_like(p.trust)))
             for col, (title, img) in enumerate(panels):
                 axes[row, col].imshow(img, cmap=None if img.ndim == 3 else "magma",
                                       vmin=None if img.ndim == 3 else 0, vmax=None if img.ndim == 3 else 1)
@@ -420,6 +425,65 @@ def write_figures(samples: list[Sample], scores: dict, methods: tuple[str, ...],
         plt.close(fig)
         names.append("similarity.png")
     return names
+
+
+# --- explainability -----------------------------------------------------------------------------------
+
+
+class UNetGradCAM:
+    """Grad-CAM of the shipped U-Net: which regions of the input drove the predicted chroma.
+
+    The ONNX graph has its BatchNorms folded into the convolutions, so the torch ColorUNet is rebuilt
+    with biased convolutions and no BatchNorm, and the folded weights are loaded in graph order.
+    The score is the mean predicted chroma; the map is taken at the bottleneck.
+    """
+
+    def __init__(self, unet_path: Path) -> None:
+        import onnx
+        import torch
+        from onnx import numpy_helper
+        from torch import nn
+
+        from archivecolor.models.store import widen_float16
+        from archivecolor.nets.unet import ColorUNet
+
+        graph = onnx.load_from_string(widen_float16(Path(unet_path).read_bytes())).graph
+        inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        convs = [n for n in graph.node if n.op_type == "Conv"]
+        width = int(inits[convs[0].input[1]].shape[0])
+        net = ColorUNet(width=width)
+        modules = []
+        for name, module in list(net.named_modules()):
+            if isinstance(module, nn.BatchNorm2d):
+                parent, attr = name.rsplit(".", 1)
+                net.get_submodule(parent)[int(attr)] = nn.Identity()
+        for module in net.modules():
+            if isinstance(module, nn.Conv2d):
+                modules.append(module)
+        if len(modules) != len(convs):
+            raise UsageError(f"{unet_path}: {len(convs)} convolutions, the U-Net has {len(modules)}")
+        with torch.no_grad():
+            for module, node in zip(modules, convs):
+                module.weight = nn.Parameter(torch.from_numpy(inits[node.input[1]].copy()))
+                module.bias = nn.Parameter(torch.from_numpy(inits[node.input[2]].copy()))
+        self.torch = torch
+        self.net = net.eval()
+
+    def __call__(self, x13: np.ndarray) -> np.ndarray:
+        """x13: (13, h, w) U-Net input. Returns the (h, w) Grad-CAM map in [0, 1]."""
+        torch = self.torch
+        store: dict = {}
+        hook = self.net.bottleneck.register_forward_hook(lambda m, i, o: store.update(act=o))
+        try:
+            ab, _ = self.net(torch.from_numpy(x13[None].astype(np.float32)))
+            act = store["act"]
+            (grad,) = torch.autograd.grad(ab.pow(2).sum(dim=1).sqrt().mean(), act)
+        finally:
+            hook.remove()
+        cam = torch.relu((grad.mean(dim=(2, 3), keepdim=True) * act).sum(dim=1, keepdim=True))
+        cam = torch.nn.functional.interpolate(cam, size=x13.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+        cam = cam.detach().numpy()
+        return cam / cam.max() if cam.max() > 0 else cam
 
 
 # --- retrieval at scale --------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ atomically: a temp file beside the target, fsynced, then renamed over it.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import zlib
@@ -285,7 +286,9 @@ def icc_colour_space(icc: bytes | None) -> str | None:
     return icc[16:20].decode("ascii", "replace").strip()
 
 
+@functools.lru_cache(maxsize=1)
 def srgb_profile() -> bytes:
+    """An sRGB ICC profile (made once per process: LittleCMS stamps each one with the time)."""
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
 

@@ -78,3 +78,18 @@ def test_pairs_against_he2018(tmp_path, models_home):
     assert len(summary["pairs"]) == 2 and "he2018" in summary
     assert 0 <= summary["ours"]["ab_overlap"] <= 1
     assert (tmp_path / "pairs" / "pairs.png").exists()
+
+
+def test_gradcam_rebuilds_the_shipped_unet_exactly(models_home):
+    pytest.importorskip("torch")
+    import onnxruntime as ort
+    import torch
+
+    path = models_home / "models" / "unet.onnx"
+    cam = bench.UNetGradCAM(path)
+    x = np.random.default_rng(0).uniform(-1, 1, (13, 64, 96)).astype(np.float32)
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["ab"], {"x13": x[None]})[0]
+    with torch.no_grad():
+        assert np.abs(cam.net(torch.from_numpy(x[None]))[0].numpy() - expected).max() < 1e-4
+    heat = cam(x)
+    assert heat.shape == (64, 96) and heat.max() == pytest.approx(1.0) and heat.min() >= 0
