@@ -49,6 +49,7 @@ class Scan:
     icc: bytes | None = None
     exif: bytes | None = None
     warnings: list[str] = field(default_factory=list)
+    _lightness: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def height(self) -> int:
@@ -63,10 +64,11 @@ class Scan:
         return self.pixels.ndim == 2
 
     def lightness(self) -> np.ndarray:
-        """CIELAB L in [0, 100], float32 (H, W), in stored orientation."""
-        if self.is_gray:
-            return gray_to_l(self.pixels)
-        return rgb_to_lab(self.pixels)[..., 0]
+        """CIELAB L in [0, 100], float32 (H, W), in stored orientation (computed once: retrieval,
+        the model input and the full-size recombination all need it)."""
+        if self._lightness is None:
+            self._lightness = gray_to_l(self.pixels) if self.is_gray else rgb_to_lab(self.pixels)[..., 0]
+        return self._lightness
 
 
 def is_junk(path: Path) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from archivecolor.color import denormalise_ab, normalise_ab, normalise_l, rgb_to_lab
-from archivecolor.imageio import Scan, read_image, to_upright
+from archivecolor.imageio import Scan, from_upright, read_image, to_upright
 from archivecolor.models.registry import DEFAULT_BACKBONE, features_name
 from archivecolor.models.session import ModelSession, open_session
 from archivecolor.upsample import box_mean, recombine, resize_plane, working_size
@@ -195,8 +195,6 @@ def target_l(scan: Scan, short_side: int) -> np.ndarray:
 
 def render(scan: Scan, prediction: Prediction, lightness: np.ndarray | None = None) -> np.ndarray:
     """Full-resolution RGB (stored orientation, the scan's bit depth) with the scan's own L."""
-    from archivecolor.imageio import from_upright
-
     lightness = scan.lightness() if lightness is None else lightness
     ab_low = from_upright(prediction.ab, scan.orientation)
     l_low = from_upright(prediction.l, scan.orientation)
