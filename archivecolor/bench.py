@@ -27,7 +27,17 @@ from archivecolor.errors import UsageError
 from archivecolor.imageio import file_walk_images, read_image, to_upright
 from archivecolor.models.store import model_dir
 from archivecolor.models.weights import load_backbone_weights, sha256_file
-from archivecolor.pipeline import DEFAULT_WORKING_SIZE, Models, Prediction, ReferenceCache, StageTimes, load_reference, predict
+from archivecolor.pipeline import (
+    DEFAULT_WORKING_SIZE,
+    Models,
+    Prediction,
+    ReferenceCache,
+    StageTimes,
+    load_reference,
+    predict,
+    reference_from_lab,
+    upright_lab,
+)
 from archivecolor.upsample import recombine, resize_plane
 from archivecolor.upsample import working_size as fit_working_size
 
@@ -544,11 +554,12 @@ def run_pairs(pairs_dir: Path, out: Path, provider: str = "auto", home: Path | N
         lightness = to_upright(scan.lightness(), scan.orientation)
         h, w = fit_working_size(*lightness.shape, working_size)
         l_low = resize_plane(lightness, h, w)
-        reference = load_reference(ref, sha256_file(ref), working_size)
+        ref_lab = upright_lab(read_image(ref))
+        ref_rgb = to_uint8(lab_to_rgb(ref_lab))
+        reference = reference_from_lab(sha256_file(ref), ref_lab, working_size)
         reference.features = models.features_of(reference.l)
         pred = predict(models, normalise_l(l_low)[None, None], [[reference]])[0]
         ours = recombine(lightness, pred.ab, pred.l)
-        ref_lab = rgb_to_lab(np.asarray(Image.open(ref).convert("RGB")))
         row = {"target": parts[0], "reference": parts[1],
                "ours": {"colorfulness": colorfulness(ours), "ab_overlap": ab_histogram_overlap(rgb_to_lab(ours), ref_lab)}}
         their_img = None
@@ -556,7 +567,7 @@ def run_pairs(pairs_dir: Path, out: Path, provider: str = "auto", home: Path | N
             their_img = np.asarray(Image.open(theirs).convert("RGB"))
             row["he2018"] = {"colorfulness": colorfulness(their_img),
                              "ab_overlap": ab_histogram_overlap(rgb_to_lab(their_img), ref_lab)}
-        rows.append((row, _gray_rgb(lightness), np.asarray(Image.open(ref).convert("RGB")), ours, their_img))
+        rows.append((row, _gray_rgb(lightness), ref_rgb, ours, their_img))
     import matplotlib
 
     matplotlib.use("Agg")

@@ -324,7 +324,7 @@ def colorize_folder(
                     and out_path.exists() and sha256_file(out_path) == row["output_sha256"]
                     and sidecar_path(out_path).exists())
 
-    def write_outputs(job: _Job, prediction: Prediction) -> FileResult:
+    def write_outputs(job: _Job, prediction: Prediction) -> tuple[FileResult, str]:
         t = time.perf_counter()
         scan = job.scan
         rgb = render(scan, prediction)
@@ -365,8 +365,9 @@ def colorize_folder(
         )
         write_sidecar(out_path, doc)
         extra_times["recombine_encode"] += encode_s
-        return FileResult(job.rel.as_posix(), "done", job.output_rel.as_posix(), references=refs,
-                          seconds=time.perf_counter() - job.t0, warnings=warnings)
+        result = FileResult(job.rel.as_posix(), "done", job.output_rel.as_posix(), references=refs,
+                            seconds=time.perf_counter() - job.t0, warnings=warnings)
+        return result, out_sha
 
     buckets: dict[tuple[int, int], list[_Job]] = {}
     writes: list[tuple[_Job, Future]] = []
@@ -378,7 +379,7 @@ def colorize_folder(
                 keep.append((job, fut))
                 continue
             try:
-                result = fut.result()
+                result, out_sha = fut.result()
             except ArchivecolorError as exc:
                 fail(job.rel.as_posix(), str(exc), source_sha256=job.sha256)
                 continue
@@ -390,7 +391,7 @@ def colorize_folder(
                 st = job.source.stat()
                 ledger.put(source=result.source, source_sha256=job.sha256, size=st.st_size, mtime=st.st_mtime,
                            run_key=run_key, output=result.output,
-                           output_sha256=sha256_file(out_dir / job.output_rel), status="done", reason="")
+                           output_sha256=out_sha, status="done", reason="")
             finish(result)
         writes[:] = keep
 

@@ -7,7 +7,6 @@ available, with no torch at inference time. The U-Net ships with float16 weights
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from onnx import numpy_helper
 
 from archivecolor.models.registry import ASSET_DIR, WEIGHT_MARK
+from archivecolor.models.weights import sha256_bytes
 from archivecolor.nets.correspondence import Correspondence
 from archivecolor.nets.unet import ColorUNet
 from archivecolor.nets.vgg import FEATURE_CHANNELS, VGGFeatures
@@ -85,10 +85,6 @@ def to_float16_storage(model: onnx.ModelProto) -> onnx.ModelProto:
             init.CopyFrom(numpy_helper.from_array(arr, name))
             init.doc_string = "archivecolor:fp16"
     return model
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def write_asset(model: onnx.ModelProto, name: str, kind: str, asset_dir: Path = ASSET_DIR, extra: dict | None = None) -> dict:

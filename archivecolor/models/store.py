@@ -26,7 +26,7 @@ from archivecolor.models.registry import (
     features_name,
     load_registry,
 )
-from archivecolor.models.weights import load_backbone_weights, sha256_file
+from archivecolor.models.weights import load_backbone_weights, sha256_bytes, sha256_file
 
 MANIFEST = "manifest.json"
 
@@ -70,12 +70,10 @@ def _write_manifest(entries: dict[str, InstalledModel], home: Path | None) -> No
 
 def verify_asset(spec: ModelSpec) -> bytes:
     """The packaged graph's bytes, after checking them against the registry's sha256."""
-    import hashlib
-
     if not spec.asset_path.exists():
         raise ModelNotFound(f"{spec.asset_path}: packaged model missing; reinstall archivecolor")
     data = spec.asset_path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
+    digest = sha256_bytes(data)
     if digest != spec.sha256:
         raise ChecksumMismatch(f"{spec.asset_path}: sha256 {digest[:12]}… is not the registry's {spec.sha256[:12]}…; "
                                f"reinstall archivecolor")
@@ -107,11 +105,9 @@ def widen_float16(data: bytes) -> bytes:
 
 
 def _install(name: str, data: bytes, source: dict, home: Path | None) -> InstalledModel:
-    import hashlib
-
     path = model_dir(home) / f"{name}.onnx"
     atomic_write_bytes(path, data)
-    return InstalledModel(name, path.name, hashlib.sha256(data).hexdigest(), len(data), source)
+    return InstalledModel(name, path.name, sha256_bytes(data), len(data), source)
 
 
 def _current(entry: InstalledModel | None, home: Path | None, wanted_source: dict) -> bool:
