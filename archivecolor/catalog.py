@@ -7,6 +7,7 @@ its embeddings were made with: mixing backbones is refused.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import sqlite3
@@ -358,6 +359,16 @@ class Catalog:
         ranked = top_k(np.asarray(queries, dtype=np.float32), matrix, mask, k)
         return [[Match(info[j]["id"], info[j]["path"], info[j]["sha256"], score, info[j]["collection"])
                  for j, score in row] for row in ranked]
+
+    def fingerprint(self, collection: str | None = None) -> str:
+        """sha256 of what retrieval can return (the searchable photos' ids, hashes and labels, and the
+        embedding model): while it stays the same, the same scan retrieves the same references."""
+        _, info = self._load()
+        digest = hashlib.sha256(f"{self.meta('features_sha256')}:{self.meta('embedding')}".encode())
+        for item in info:
+            if collection is None or item["collection"] == collection:
+                digest.update(f"\n{item['id']}:{item['sha256']}:{item['path']}".encode())
+        return digest.hexdigest()
 
     def rows(self, collection: str | None = None) -> list[dict]:
         sql = "select id, path, sha256, width, height, is_colour, collection, tags, date_taken from photos"

@@ -286,8 +286,8 @@ def run(
     else:
         _print_run(report, dry_run)
     if report.interrupted:
-        err.print(f"interrupted: finished files are kept; run the same command again to resume "
-                  f"(the ledger {report.out_dir}/.archivecolor-ledger.sqlite skips what is done)")
+        err.print(f"interrupted (exit {report.exit_code}): finished files are kept; run the same command again to "
+                  f"resume (the ledger {report.out_dir}/.archivecolor-ledger.sqlite skips what is done)")
     raise typer.Exit(report.exit_code)
 
 
@@ -312,24 +312,33 @@ def _print_run(report, dry_run: bool) -> None:
 
 @app.command()
 @errors_handled
-def verify(out_dir: Path = typer.Argument(..., help="an output folder written by `archivecolor run`")) -> None:
-    """Re-hash outputs and sources against their sidecars; report missing, changed and orphaned files.
+def verify(
+    out_dir: Path = typer.Argument(..., help="an output folder written by `archivecolor run`"),
+    scans: Path = typer.Option(None, "--scans", help="the scans folder, where it no longer sits where the sidecars say"),
+) -> None:
+    """Re-hash outputs, sources and references against their sidecars; report missing, changed and
+    orphaned files, and temp files left by a killed run.
 
-    Example: archivecolor verify ./scans-colorized
+    Example: archivecolor verify ./scans-colorized --scans ./scans
     """
     from archivecolor.provenance import verify as verify_outputs
 
     if not out_dir.is_dir():
         raise UsageError(f"{out_dir}: not a folder; pass the output folder of a run")
-    report = verify_outputs(out_dir)
+    if scans is not None and not scans.is_dir():
+        raise UsageError(f"--scans {scans}: not a folder; pass the folder the scans are in now")
+    report = verify_outputs(out_dir, scans)
     for label, items in (("missing output", report.missing_output), ("changed output", report.changed_output),
                          ("missing source", report.missing_source), ("changed source", report.changed_source),
-                         ("orphaned (no sidecar)", report.orphaned), ("unreadable sidecar", report.unreadable)):
+                         ("changed reference", report.changed_reference),
+                         ("orphaned (no sidecar)", report.orphaned), ("unreadable sidecar", report.unreadable),
+                         ("temp file of a killed run (a re-run removes it)", report.temp_files)):
         for item in items:
             console.print(f"{label}: {item}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"{len(report.ok)} verified, {len(report.missing_output) + len(report.changed_output)} output "
                   f"problems, {len(report.missing_source) + len(report.changed_source)} source problems, "
-                  f"{len(report.orphaned)} orphaned")
+                  f"{len(report.changed_reference)} changed references, {len(report.orphaned)} orphaned, "
+                  f"{len(report.temp_files)} temp files")
     raise typer.Exit(0 if report.clean else 1)
 
 

@@ -39,3 +39,7 @@ class CatalogError(ArchivecolorError):
 
 class UsageError(ArchivecolorError):
     """Arguments that cannot work together; the CLI exits 2."""
+
+
+class LedgerError(ArchivecolorError):
+    """The run's ledger cannot be read or written: the run stops, since it could not record more work."""

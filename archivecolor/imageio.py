@@ -8,21 +8,20 @@ atomically: a temp file beside the target, fsynced, then renamed over it.
 from __future__ import annotations
 
 import functools
+import io
 import os
+import stat
 import struct
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageCms, ImageFile
+from PIL import Image, ImageCms
 
 from archivecolor.color import gray_to_l, is_near_gray, rgb_to_lab
 from archivecolor.errors import ImageReadError, ImageTooLarge, ImageWriteError
-
-Image.MAX_IMAGE_PIXELS = None  # replaced by our own limit, which names the file and the fix
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 DEFAULT_MAX_PIXELS = 400_000_000
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
@@ -129,11 +128,38 @@ def _read_tiff(path: Path, max_pixels: int) -> Scan:
     return Scan(path, data, "TIFF", depth, orientation, alpha, icc, None, warnings)
 
 
+def _open_pillow(path: Path, max_pixels: int) -> Image.Image:
+    """``Image.open`` with our own pixel limit (which names the file and the fix) instead of Pillow's.
+
+    Pillow's limit is a process-wide global; a library must not switch it off for the program that
+    imports it, so the format plugins are asked directly, as ``Image.open`` does, and the size is
+    checked against ``max_pixels`` before any pixel is decoded.
+    """
+    Image.init()
+    with open(path, "rb") as handle:
+        prefix = handle.read(16)
+    for format_id in Image.ID:
+        factory, accept = Image.OPEN[format_id]
+        accepted = accept is None or accept(prefix)
+        if not accepted or isinstance(accepted, str):
+            continue
+        try:
+            im = factory(str(path), str(path))  # given a path, the plugin opens and owns the file
+        except (SyntaxError, IndexError, TypeError, struct.error):
+            continue
+        try:
+            _check_pixels(path, im.width, im.height, max_pixels)
+        except BaseException:
+            im.close()
+            raise
+        return im
+    raise ImageReadError(f"{path}: not an image format this tool reads (JPEG, PNG, TIFF, BMP, WebP)")
+
+
 def _read_pillow(path: Path, max_pixels: int) -> Scan:
     warnings: list[str] = []
     try:
-        with Image.open(path) as im:
-            _check_pixels(path, im.width, im.height, max_pixels)
+        with _open_pillow(path, max_pixels) as im:
             fmt = im.format or path.suffix.lstrip(".").upper()
             if getattr(im, "n_frames", 1) > 1:
                 warnings.append(f"{im.n_frames} frames: only the first was used")
@@ -156,7 +182,7 @@ def _read_pillow(path: Path, max_pixels: int) -> Scan:
                 raise ImageReadError(f"{path}: floating-point images are not supported; save it as 8- or 16-bit")
             mode = im.mode
             arr = np.asarray(im)
-    except ImageReadError:
+    except (ImageReadError, ImageTooLarge):
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageReadError(f"{path}: cannot decode ({exc}); re-export or re-scan the file") from exc
@@ -213,23 +239,59 @@ def read_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Scan:
 
 
 def file_walk(root: Path) -> Iterator[tuple[Path, str]]:
-    """Yield (path, kind) under ``root``, kind in image, junk, other; no symlink loops, sorted."""
+    """Yield (path, kind) under ``root``, sorted; kind is image, junk, other, or a reason not to read it.
+
+    Only regular files are images: a FIFO or device with an image name would hang a reader. Symbolic
+    links are followed only while they stay inside ``root`` (no loops, no walking off to ``/``); those
+    that leave it, and folders that cannot be listed, are yielded with kind ``outside`` or
+    ``unreadable`` so that the caller can say so.
+    """
+    root_real = Path(os.path.realpath(root))
     seen: set[tuple[int, int]] = set()
-    for folder, dirs, files in os.walk(root, followlinks=True):
+    unreadable: list[OSError] = []
+
+    def inside(path: Path) -> bool:
+        real = Path(os.path.realpath(path))
+        return real == root_real or root_real in real.parents
+
+    for folder, dirs, files in os.walk(root, followlinks=True, onerror=unreadable.append):
+        while unreadable:
+            error = unreadable.pop()
+            yield Path(error.filename or folder), "unreadable"
         st = os.stat(folder)
         if (st.st_dev, st.st_ino) in seen:
             dirs[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        kept = []
+        for d in sorted(d for d in dirs if not d.startswith(".")):
+            if inside(Path(folder) / d):
+                kept.append(d)
+            else:
+                yield Path(folder) / d, "outside"
+        dirs[:] = kept
         for name in sorted(files):
             path = Path(folder) / name
             if is_junk(path):
                 yield path, "junk"
-            elif is_image_path(path):
-                yield path, "image"
-            else:
+            elif not is_image_path(path):
                 yield path, "other"
+            elif path.is_symlink() and not inside(path):
+                yield path, "outside"
+            elif not _is_regular_file(path):
+                yield path, "special"
+            else:
+                yield path, "image"
+    while unreadable:
+        error = unreadable.pop()
+        yield Path(error.filename or root), "unreadable"
+
+
+def _is_regular_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def file_walk_images(root: Path) -> Iterator[Path]:
@@ -263,22 +325,55 @@ def from_upright(arr: np.ndarray, orientation: int) -> np.ndarray:
 # --- writing ---------------------------------------------------------------------------------------
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` for a temp file beside ``path``, fsync it, then rename it over ``path``."""
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_path(path: Path) -> Path:
+    """The temp file an atomic write of ``path`` goes through: hidden, named for the writing process."""
+    return path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+
+
+def is_temp_file(path: Path) -> bool:
+    """Whether ``path`` looks like an atomic write's temp file (left behind only by a killed process)."""
+    parts = path.name.split(".")
+    return path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX) and len(parts) >= 4 and parts[-2].isdigit()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temp file beside ``path``, check that every byte landed, fsync, rename over ``path``.
+
+    A full disk or any failed write leaves ``path`` as it was and no temp file behind.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
     try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                if written <= 0:
+                    raise OSError(f"short write to {tmp}")
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if os.stat(tmp).st_size != len(data):
+            raise OSError(f"{tmp}: {os.stat(tmp).st_size} of {len(data)} bytes written")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
 
 
 def icc_colour_space(icc: bytes | None) -> str | None:
@@ -349,7 +444,8 @@ def write_image(
     else:
         pixels = rgb
 
-    def write(tmp: Path) -> None:
+    buffer = io.BytesIO()  # encoded in memory, so that the file write can be checked byte for byte
+    try:
         if fmt == "TIFF":
             import tifffile
 
@@ -358,12 +454,12 @@ def write_image(
                 extra.append((_TIFF_ICC, "B", len(icc), icc, True))
             if xmp:
                 extra.append((_TIFF_XMP, "B", len(xmp), xmp, True))
-            tifffile.imwrite(tmp, pixels, photometric="rgb", compression="zlib", metadata=None,
+            tifffile.imwrite(buffer, pixels, photometric="rgb", compression="zlib", metadata=None,
                              extrasamples=("unassalpha",) if alpha is not None else None, extratags=extra)
         elif fmt == "PNG":
             import imagecodecs
 
-            tmp.write_bytes(_png_with_metadata(imagecodecs.png_encode(pixels, level=6), icc, exif, xmp))
+            buffer.write(_png_with_metadata(imagecodecs.png_encode(pixels, level=6), icc, exif, xmp))
         elif fmt in ("JPEG", "WEBP", "BMP"):
             im = Image.fromarray(pixels if fmt != "JPEG" else rgb)
             options: dict = {}
@@ -373,12 +469,10 @@ def write_image(
                 options = {"lossless": True}
             if fmt != "BMP":
                 options.update({k: v for k, v in (("icc_profile", icc), ("exif", exif), ("xmp", xmp)) if v})
-            im.save(tmp, format=fmt, **options)
+            im.save(buffer, format=fmt, **options)
         else:
             raise ImageWriteError(f"{path}: cannot write format {fmt!r}; use tiff, png or jpeg")
-
-    try:
-        atomic_write(path, write)
+        atomic_write_bytes(path, buffer.getvalue())
     except ImageWriteError:
         raise
     except OSError as exc:

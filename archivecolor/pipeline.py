@@ -15,13 +15,16 @@ from pathlib import Path
 import numpy as np
 
 from archivecolor.color import denormalise_ab, normalise_ab, normalise_l, rgb_to_lab
+from archivecolor.errors import ImageReadError
 from archivecolor.imageio import Scan, from_upright, read_image, to_upright
 from archivecolor.models.registry import DEFAULT_BACKBONE, features_name
 from archivecolor.models.session import ModelSession, open_session
+from archivecolor.models.weights import sha256_file
 from archivecolor.upsample import box_mean, recombine, resize_plane, working_size
 
 DEFAULT_WORKING_SIZE = 256
 FORWARD_MAPS = slice(3, 8)  # the target→reference similarity maps in the 13-channel input
+SEMANTIC_INPUTS = {"tf3": 2, "tf4": 3, "tf5": 4}  # U-Net input name -> index into the target's features
 
 
 @dataclass
@@ -57,6 +60,10 @@ class Models:
     def features_of(self, l_batch: np.ndarray) -> list[np.ndarray]:
         return self.features.run({"l": l_batch}, ["f1", "f2", "f3", "f4", "f5"])
 
+    def semantic_inputs(self) -> list[str]:
+        """The target-feature inputs this U-Net reads as its semantic prior (none for a 13-channel-only U-Net)."""
+        return [i.name for i in self.unet.session.get_inputs() if i.name in SEMANTIC_INPUTS]
+
 
 @dataclass
 class Reference:
@@ -67,6 +74,7 @@ class Reference:
     ab: np.ndarray  # (1, 2, h, w) ab/128
     features: list[np.ndarray] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    sha256: str = ""  # of the file as it was read (not as a catalogue remembers it)
 
 
 def upright_lab(scan: Scan) -> np.ndarray:
@@ -86,8 +94,21 @@ def reference_from_lab(key: str, lab: np.ndarray, short_side: int, meta: dict | 
                      normalise_ab(small[..., 1:]).transpose(2, 0, 1)[None].copy(), meta=meta or {})
 
 
+def read_colour_reference(path: Path) -> Scan:
+    """Decode a reference photo; a gray or toned one is refused, since it has no colours to give."""
+    scan = read_image(path)
+    if scan.pixels.ndim == 2 or any("treated as gray" in w for w in scan.warnings):
+        raise ImageReadError(f"{path}: the reference is grayscale or toned, so it has no colours to give; "
+                             f"choose a colour photo")
+    return scan
+
+
 def load_reference(path: Path, key: str, short_side: int, meta: dict | None = None) -> Reference:
-    return reference_from_lab(key, upright_lab(read_image(path)), short_side, meta)
+    """Read a colour reference and prepare it at working size; records the sha256 of what it read."""
+    digest = sha256_file(path)
+    reference = reference_from_lab(key, upright_lab(read_colour_reference(path)), short_side, meta)
+    reference.sha256 = digest
+    return reference
 
 
 class ReferenceCache:
@@ -124,6 +145,7 @@ class Prediction:
     x13: np.ndarray  # (13, h, w) the U-Net input (warped ab and similarity maps)
     chosen: np.ndarray  # (h, w) index of the reference used at each pixel
     similarity: list[float]  # per reference, mean target→reference similarity
+    semantic: dict[str, np.ndarray] = field(default_factory=dict)  # the U-Net's target-feature inputs, (1, C, h/s, w/s)
 
 
 @dataclass
@@ -174,14 +196,16 @@ def predict(models: Models, l_batch: np.ndarray, references: list[list[Reference
         chosen.append(pick)
         sims.append([float(c[FORWARD_MAPS].mean()) for c in candidates])
     x = np.stack(inputs).astype(np.float32)
+    semantic = {name: feats[SEMANTIC_INPUTS[name]] for name in models.semantic_inputs()}
     t2 = time.perf_counter()
-    ab, trust = models.unet.run({"x13": x})
+    ab, trust = models.unet.run({"x13": x, **semantic})
     t3 = time.perf_counter()
     times.features += t1 - t0
     times.correspondence += t2 - t1
     times.unet += t3 - t2
     return [
-        Prediction(denormalise_ab(ab[i].transpose(1, 2, 0)), l_batch[i, 0] * 100.0, trust[i, 0], x[i], chosen[i], sims[i])
+        Prediction(denormalise_ab(ab[i].transpose(1, 2, 0)), l_batch[i, 0] * 100.0, trust[i, 0], x[i], chosen[i], sims[i],
+                   {name: f[i : i + 1] for name, f in semantic.items()})
         for i in range(len(references))
     ]
 

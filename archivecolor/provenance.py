@@ -10,14 +10,15 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 from archivecolor import __version__
-from archivecolor.imageio import atomic_write_bytes, file_walk_images
+from archivecolor.imageio import atomic_write_bytes, file_walk, is_temp_file
 from archivecolor.models.weights import sha256_file
 
 SCHEMA_PATH = Path(__file__).with_name("provenance.schema.json")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: source.root is relative to OUT_DIR
 DIGITAL_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/compositeWithTrainedAlgorithmicMedia"
 IPTC_EXT_NS = "http://iptc.org/std/Iptc4xmpExt/2008-02-29/"
 SIDECAR_SUFFIX = ".json"
+SIDECAR_SCHEMA = "archivecolor.sidecar"
 
 
 def utc_now() -> str:
@@ -114,14 +115,14 @@ def write_sidecar(output: Path, document: dict) -> Path:
 
 
 def make_sidecar(
-    *, source_root: Path, source_rel: str, source_sha256: str, scan_info: dict, output_rel: str,
+    *, source_root: str, source_rel: str, source_sha256: str, scan_info: dict, output_rel: str,
     output_sha256: str, output_format: str, output_bit_depth: int, xmp_embedded: bool, xmp_sidecar: str | None,
     references: list[dict], models: dict[str, str], backbone: str, provider: str, parameters: dict,
     started: str, finished: str, durations: dict[str, float], warnings: list[str],
 ) -> dict:
     return {
-        "schema": "archivecolor.sidecar", "schema_version": SCHEMA_VERSION, "archivecolor_version": __version__,
-        "source": {"root": str(source_root), "path": source_rel, "sha256": source_sha256, **scan_info},
+        "schema": SIDECAR_SCHEMA, "schema_version": SCHEMA_VERSION, "archivecolor_version": __version__,
+        "source": {"root": source_root, "path": source_rel, "sha256": source_sha256, **scan_info},
         "output": {"path": output_rel, "sha256": output_sha256, "format": output_format,
                    "bit_depth": output_bit_depth, "xmp_embedded": xmp_embedded, "xmp_sidecar": xmp_sidecar},
         "references": references, "models": models, "backbone": backbone, "provider": provider,
@@ -138,42 +139,81 @@ class VerifyReport:
     changed_output: list[str] = field(default_factory=list)
     missing_source: list[str] = field(default_factory=list)
     changed_source: list[str] = field(default_factory=list)
+    changed_reference: list[str] = field(default_factory=list)
     orphaned: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
+    temp_files: list[str] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
         return not (self.missing_output or self.changed_output or self.missing_source or self.changed_source
-                    or self.orphaned or self.unreadable)
+                    or self.changed_reference or self.orphaned or self.unreadable or self.temp_files)
 
 
-def verify(out_dir: Path) -> VerifyReport:
-    """Re-hash every output and its source against their sidecars; list orphaned outputs."""
+def read_sidecar(path: Path) -> dict | None:
+    """A sidecar's document; None for a JSON file that is not an archivecolor sidecar.
+
+    Raises ValueError for one that claims to be a sidecar but lacks what verification needs.
+    """
+    try:
+        doc = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(doc, dict) or doc.get("schema") != SIDECAR_SCHEMA:
+        return None
+    source, output, refs = doc.get("source"), doc.get("output"), doc.get("references")
+    if not (isinstance(source, dict) and isinstance(output, dict) and isinstance(refs, list)
+            and all(isinstance(source.get(k), str) for k in ("root", "path", "sha256"))
+            and all(isinstance(output.get(k), str) for k in ("path", "sha256"))
+            and all(isinstance(r, dict) and isinstance(r.get("path"), str) and isinstance(r.get("sha256"), str)
+                    for r in refs)):
+        raise ValueError("a sidecar with missing or mistyped source, output or references fields")
+    return doc
+
+
+def verify(out_dir: Path, scans_dir: Path | None = None) -> VerifyReport:
+    """Re-hash every output, its source and its references against their sidecars; list orphaned
+    outputs and temp files left by killed runs.
+
+    Sources are found under ``scans_dir`` when given (an archive moved apart from its outputs), else
+    where the sidecar's root, relative to ``out_dir``, points.
+    """
     report = VerifyReport()
     with_sidecar: set[Path] = set()
+    hashes: dict[Path, str | None] = {}
+
+    def digest(path: Path) -> str | None:
+        if path not in hashes:
+            hashes[path] = sha256_file(path) if path.is_file() else None
+        return hashes[path]
+
     for sidecar in sorted(out_dir.rglob(f"*{SIDECAR_SUFFIX}")):
         try:
-            doc = json.loads(sidecar.read_text())
-            if doc.get("schema") != "archivecolor.sidecar":
-                continue
-            output = out_dir / doc["output"]["path"]
-            source = Path(doc["source"]["root"]) / doc["source"]["path"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            doc = read_sidecar(sidecar)
+        except (OSError, ValueError) as exc:
             report.unreadable.append(f"{sidecar}: {exc}")
             continue
+        if doc is None:
+            continue
+        output = out_dir / doc["output"]["path"]
+        root = scans_dir if scans_dir is not None else out_dir / doc["source"]["root"]
+        source = root / doc["source"]["path"]
         with_sidecar.add(output.resolve())
         rel = doc["output"]["path"]
-        if not output.exists():
+        if digest(output) is None:
             report.missing_output.append(rel)
-        elif sha256_file(output) != doc["output"]["sha256"]:
+        elif digest(output) != doc["output"]["sha256"]:
             report.changed_output.append(rel)
-        elif not source.exists():
+        elif digest(source) is None:
             report.missing_source.append(rel)
-        elif sha256_file(source) != doc["source"]["sha256"]:
+        elif digest(source) != doc["source"]["sha256"]:
             report.changed_source.append(rel)
+        elif any(digest(Path(r["path"])) not in (None, r["sha256"]) for r in doc["references"]):
+            report.changed_reference.append(rel)
         else:
             report.ok.append(rel)
-    for image in file_walk_images(out_dir):
-        if image.resolve() not in with_sidecar:
-            report.orphaned.append(str(image.relative_to(out_dir)))
+    for path, kind in file_walk(out_dir):
+        if kind == "image" and path.resolve() not in with_sidecar:
+            report.orphaned.append(str(path.relative_to(out_dir)))
+    report.temp_files = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob(".*") if p.is_file() and is_temp_file(p))
     return report

@@ -1,34 +1,45 @@
 """``archivecolor run``: walk a folder of scans, colorize them in batches, write outputs and records.
 
-Never writes into the input tree. Every output is written atomically with its sidecar, and
-recorded in a ledger (``OUT_DIR/.archivecolor-ledger.sqlite``) keyed by the source's sha256, the
-model hashes and the parameters: a re-run skips finished files whose output still matches its
-recorded hash. A bad file never stops the batch; it is recorded with a one-line reason.
+Never writes into the input tree and never replaces a file it did not write. Every output is written
+atomically with its sidecar and recorded in a ledger (``OUT_DIR/.archivecolor-ledger.sqlite``) keyed by
+content: the source's sha256, the model hashes, the parameters and the references (their sha256s, or
+for retrieval the catalogue's fingerprint). A re-run skips finished files whose output, sidecar and
+references are still what was recorded. One failure boundary per file: whatever goes wrong with one
+scan is recorded with a one-line reason and the batch goes on.
+
+The stages: planning (walk, decode, hash, skip by ledger, choose references), batching (same-size
+working inputs through the networks together), and writing (render, encode, sidecar, ledger).
+``colorize_folder`` drives them; ``colorize_file`` is the per-file core that other engines call.
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import json
+import os
+import socket
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import sqlite_utils
 
 from archivecolor.catalog import Catalog, centre_square
-from archivecolor.errors import ArchivecolorError, UsageError
+from archivecolor.errors import ArchivecolorError, CatalogError, ImageReadError, LedgerError, UsageError
 from archivecolor.imageio import (
     DEFAULT_MAX_PIXELS,
     FORMAT_SUFFIX,
     Scan,
     atomic_write_bytes,
     file_walk,
+    is_temp_file,
     output_icc,
     read_image,
     to_upright,
@@ -39,14 +50,17 @@ from archivecolor.pipeline import (
     DEFAULT_WORKING_SIZE,
     Models,
     Prediction,
+    Reference,
     ReferenceCache,
     StageTimes,
     load_reference,
     predict,
+    read_colour_reference,
     render,
     target_l,
 )
 from archivecolor.provenance import (
+    SIDECAR_SCHEMA,
     build_xmp,
     make_sidecar,
     sidecar_path,
@@ -56,10 +70,20 @@ from archivecolor.provenance import (
 )
 
 LEDGER_NAME = ".archivecolor-ledger.sqlite"
+LOCK_NAME = ".archivecolor.lock"
 FORMATS = ("same", "tiff", "png", "jpeg")
 _FORMAT_NAMES = {"tiff": "TIFF", "png": "PNG", "jpeg": "JPEG"}
+# Suffixes that already name each writable format (kept as they are, case included).
+_FORMAT_SUFFIXES = {"JPEG": {".jpg", ".jpeg"}, "PNG": {".png"}, "TIFF": {".tif", ".tiff"}, "BMP": {".bmp"},
+                    "WEBP": {".webp"}}
 _XMP_FORMATS = {"JPEG", "PNG", "TIFF", "WEBP"}
 PENDING_PIXEL_LIMIT = 300_000_000  # decoded pixels held while waiting for a full batch
+INTERRUPTED_EXIT = 130  # the shell's convention for a run stopped by Ctrl-C
+_WALK_REASONS = {
+    "outside": "a symbolic link that leaves the scans folder; not followed",
+    "special": "not a regular file (a FIFO, socket or device); not read",
+    "unreadable": "a folder that cannot be listed; check its permissions",
+}
 
 
 @dataclass
@@ -85,10 +109,24 @@ class RunOptions:
     home: Path | None = None
 
     def parameters(self) -> dict:
-        """The parameters that change the output (they key the ledger)."""
+        """The parameters that change the output, as recorded in each sidecar."""
         return {"top_k": self.top_k, "working_size": self.working_size, "format": self.format,
                 "collection": self.collection, "reference": str(self.reference) if self.reference else None,
                 "mapping": str(self.mapping) if self.mapping else None}
+
+    def ledger_parameters(self) -> dict:
+        """The parameters that key the ledger: no paths, since the references are keyed by content."""
+        mode = "fixed" if self.reference else "mapping" if self.mapping else "catalogue"
+        return {"top_k": self.top_k, "working_size": self.working_size, "format": self.format,
+                "collection": self.collection, "references": mode}
+
+    def check(self) -> None:
+        if self.format not in FORMATS:
+            raise UsageError(f"--format {self.format!r}: choose one of {', '.join(FORMATS)}")
+        if self.working_size % 16 or self.working_size < 64:
+            raise UsageError(f"--working-size {self.working_size}: use a multiple of 16, at least 64")
+        if self.top_k < 1 or self.batch_size < 1 or self.jobs < 1:
+            raise UsageError("--top-k, --batch-size and --jobs must be at least 1")
 
 
 @dataclass
@@ -114,67 +152,132 @@ class RunReport:
     interrupted: bool = False
     seconds: float = 0.0
     stage_seconds: dict = field(default_factory=dict)
+    removed_temp_files: int = 0
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
 
     @property
     def exit_code(self) -> int:
+        if self.interrupted:
+            return INTERRUPTED_EXIT
         return 1 if self.count("failed") else 0
 
     def as_dict(self) -> dict:
         return {"scans_dir": str(self.scans_dir), "out_dir": str(self.out_dir), "provider": self.provider,
                 "interrupted": self.interrupted, "seconds": round(self.seconds, 3), "skipped_junk": self.skipped_junk,
+                "removed_temp_files": self.removed_temp_files,
                 "counts": {s: self.count(s) for s in ("done", "skipped", "failed", "planned")},
                 "stage_seconds": self.stage_seconds, "results": [asdict(r) for r in self.results]}
 
 
+def display_path(path: Path) -> str:
+    """A relative path as text that can always be stored and printed (undecodable bytes as ``\\xNN``)."""
+    return os.fsencode(path.as_posix()).decode("utf-8", "backslashreplace")
+
+
 class Ledger:
-    """The run's record in OUT_DIR: one row per source, keyed by its relative path."""
+    """The run's record in OUT_DIR: one row per source (its relative path), on sqlite-utils."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.conn = sqlite3.connect(path)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute(
-            "create table if not exists files (source text primary key, source_sha256 text, size integer, "
-            "mtime real, run_key text, output text, output_sha256 text, status text, reason text, updated text)"
-        )
-        self.conn.commit()
+        try:
+            self.db = sqlite_utils.Database(sqlite3.connect(path, timeout=30))
+            self.db.enable_wal()
+            self.table = self.db.table("files", pk="source")
+            self.db.execute("select 1").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"{path}: the run's ledger cannot be opened ({exc}); move it aside to start afresh") from exc
 
     def get(self, source: str) -> dict | None:
-        cur = self.conn.execute("select * from files where source = ?", [source])
-        row = cur.fetchone()
-        return dict(zip([d[0] for d in cur.description], row)) if row else None
+        if not self.table.exists():
+            return None
+        rows = list(self.table.rows_where("source = ?", [source]))
+        return rows[0] if rows else None
 
     def put(self, **row: object) -> None:
         row["updated"] = utc_now()
-        cols = ", ".join(row)
-        self.conn.execute(f"insert or replace into files ({cols}) values ({', '.join('?' * len(row))})",
-                          list(row.values()))
-        self.conn.commit()
+        try:
+            with self.db.conn:
+                self.table.upsert(row, pk="source", alter=True)
+        except sqlite3.Error as exc:
+            raise LedgerError(f"{self.path}: cannot record {row['source']} ({exc}); free space or fix "
+                                    f"permissions, then run the same command again") from exc
 
     def close(self) -> None:
-        self.conn.close()
+        self.db.conn.close()
+
+
+class OutputLock:
+    """An exclusive lock on OUT_DIR, so that two runs never write the same outputs at once."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / LOCK_NAME
+        self.fd: int | None = None
+
+    def __enter__(self) -> OutputLock:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ArchivecolorError(f"{self.path.parent}: cannot write here ({exc.strerror}); "
+                                    f"choose a writable --out") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise ArchivecolorError(f"{self.path.parent}: another archivecolor run ({holder}) is writing here; "
+                                    f"wait for it to finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {utc_now()}".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def remove_orphan_temp_files(out_dir: Path) -> int:
+    """Delete the temp files of writes that a killed run left behind (call only while holding the lock)."""
+    removed = 0
+    for path in out_dir.rglob(".*"):
+        if path.is_file() and is_temp_file(path):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def default_out_dir(scans_dir: Path) -> Path:
-    return scans_dir.parent / f"{scans_dir.name}-colorized"
+    resolved = scans_dir.resolve()
+    return resolved.parent / f"{resolved.name or 'scans'}-colorized"
 
 
 def check_dirs(scans_dir: Path, out_dir: Path) -> None:
     if not scans_dir.is_dir():
         raise UsageError(f"{scans_dir}: not a folder; pass the folder of scans to colorize")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir}: exists and is not a folder; choose another --out")
     scans, out = scans_dir.resolve(), out_dir.resolve()
     if out == scans or scans in out.parents:
         raise UsageError(f"{out_dir}: the output folder is inside the scans folder {scans_dir}; "
                          f"choose --out outside it (default: {default_out_dir(scans_dir)})")
 
 
-def output_relpath(rel: Path, scan_format: str, fmt: str) -> Path:
-    if fmt == "same":
-        return rel
-    return rel.with_suffix(FORMAT_SUFFIX[_FORMAT_NAMES[fmt]])
+def output_format(scan_format: str, option: str) -> str:
+    """The format an output is written in: the scan's own where we can write it (MPO is JPEG), else PNG."""
+    if option != "same":
+        return _FORMAT_NAMES[option]
+    fmt = "JPEG" if scan_format == "MPO" else scan_format
+    return fmt if fmt in FORMAT_SUFFIX else "PNG"
+
+
+def output_relpath(rel: Path, fmt: str) -> Path:
+    """The output's path: the source's, with a suffix that names the format actually written."""
+    return rel if rel.suffix.lower() in _FORMAT_SUFFIXES[fmt] else rel.with_suffix(FORMAT_SUFFIX[fmt])
 
 
 def read_mapping(path: Path, scans_dir: Path) -> dict[str, Path]:
@@ -182,16 +285,25 @@ def read_mapping(path: Path, scans_dir: Path) -> dict[str, Path]:
     if not path.is_file():
         raise UsageError(f"{path}: no such mapping file; pass a CSV with columns scan,reference")
     mapping: dict[str, Path] = {}
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames or {"scan", "reference"} - set(reader.fieldnames):
-            raise UsageError(f"{path}: needs a header row with columns scan,reference")
-        for line, row in enumerate(reader, 2):
-            ref = Path(row["reference"].strip())
-            ref = ref if ref.is_absolute() else (path.parent / ref)
-            if not ref.is_file():
-                raise UsageError(f"{path}:{line}: reference {ref} does not exist; fix the row or the path")
-            mapping[Path(row["scan"].strip()).as_posix()] = ref
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames or {"scan", "reference"} - set(reader.fieldnames):
+                raise UsageError(f"{path}: needs a header row with columns scan,reference")
+            for line, row in enumerate(reader, 2):
+                scan, ref_text = (row.get("scan") or "").strip(), (row.get("reference") or "").strip()
+                if not scan or not ref_text:
+                    raise UsageError(f"{path}:{line}: needs both a scan and a reference")
+                scan_path = Path(scan)
+                if scan_path.is_absolute() or ".." in scan_path.parts:
+                    raise UsageError(f"{path}:{line}: scan {scan} must be a path inside {scans_dir}, relative to it")
+                ref = Path(ref_text)
+                ref = ref if ref.is_absolute() else (path.parent / ref)
+                if not ref.is_file():
+                    raise UsageError(f"{path}:{line}: reference {ref} does not exist; fix the row or the path")
+                mapping[scan_path.as_posix()] = ref
+    except (UnicodeDecodeError, csv.Error, ValueError) as exc:
+        raise UsageError(f"{path}: not a readable UTF-8 CSV ({exc}); save it as CSV with columns scan,reference") from exc
     return mapping
 
 
@@ -204,23 +316,48 @@ class ReferencePicker:
         self.catalog: Catalog | None = None
         self.mapping: dict[str, Path] = {}
         self._hashes: dict[Path, str] = {}
+        self._fingerprint: str | None = None
         chosen = [x for x in (options.reference, options.mapping) if x is not None]
         if len(chosen) > 1:
             raise UsageError("--reference and --mapping cannot be used together; pick one")
-        if options.reference is not None and not Path(options.reference).is_file():
-            raise UsageError(f"{options.reference}: no such reference image")
+        if options.reference is not None:
+            if not Path(options.reference).is_file():
+                raise UsageError(f"{options.reference}: no such reference image")
+            try:
+                read_colour_reference(Path(options.reference))
+            except ImageReadError as exc:
+                raise UsageError(f"--reference {exc}") from exc
         if options.mapping is not None:
             self.mapping = read_mapping(options.mapping, scans_dir)
         if options.reference is None and options.mapping is None:
             self.catalog = Catalog.open(options.catalog)
             if models is not None:
                 self.catalog.check_model(models.backbone, models.features.model.sha256, "gem")
+            if self.catalog.count(colour_only=True) == 0:
+                raise CatalogError(f"{self.catalog.path}: the catalogue has no colour references; index some with "
+                                   f"`archivecolor index REF_DIR`, or pass --reference")
 
-    def _fixed(self, path: Path) -> dict:
+    def file_hash(self, path: Path) -> str:
+        """sha256 of a reference file, hashed once per run."""
         path = Path(path).resolve()
         if path not in self._hashes:
             self._hashes[path] = sha256_file(path)
-        return {"path": str(path), "sha256": self._hashes[path], "similarity": None, "catalog_id": None}
+        return self._hashes[path]
+
+    def _fixed(self, path: Path) -> dict:
+        return {"path": str(Path(path).resolve()), "sha256": self.file_hash(path), "similarity": None, "catalog_id": None}
+
+    def identity(self, rel: str) -> str:
+        """What decides this scan's references, by content, without retrieving them (keys the ledger)."""
+        if self.options.reference is not None:
+            return "fixed:" + self.file_hash(self.options.reference)
+        if self.mapping:
+            ref = self.mapping.get(rel)
+            return "mapped:" + (self.file_hash(ref) if ref is not None else "none")
+        assert self.catalog is not None
+        if self._fingerprint is None:
+            self._fingerprint = self.catalog.fingerprint(self.options.collection)
+        return "catalogue:" + self._fingerprint
 
     def pick(self, rel: str, scan: Scan, source_sha256: str) -> list[dict]:
         if self.options.reference is not None:
@@ -236,13 +373,52 @@ class ReferencePicker:
         return [{"path": m.path, "sha256": m.sha256, "similarity": round(m.similarity, 4), "catalog_id": m.id}
                 for m in matches]
 
+    def close(self) -> None:
+        if self.catalog is not None:
+            self.catalog.close()
+
+
+def written_by_us(out_path: Path, output_rel: Path, ledger_row: dict | None) -> bool:
+    """Whether an existing output (or its sidecar) is one this tool wrote, so that it may be replaced."""
+    if ledger_row and ledger_row.get("output") == display_path(output_rel):
+        return True
+    sidecar = sidecar_path(out_path)
+    try:
+        doc = json.loads(sidecar.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("schema") == SIDECAR_SCHEMA and \
+        isinstance(doc.get("output"), dict) and doc["output"].get("path") == display_path(output_rel)
+
+
+@dataclass
+class RunContext:
+    """What every file of one run shares: where things go, the models, the keys."""
+
+    scans_dir: Path
+    out_dir: Path
+    options: RunOptions
+    models: Models
+    run_key: str  # models + ledger parameters; each file's key adds its references' identity
+
+    @classmethod
+    def create(cls, scans_dir: Path, out_dir: Path, options: RunOptions, models: Models) -> RunContext:
+        key = hashlib.sha256(json.dumps({"models": models.hashes(), **options.ledger_parameters()},
+                                        sort_keys=True).encode()).hexdigest()
+        return cls(scans_dir, out_dir, options, models, key)
+
+    def file_key(self, reference_identity: str) -> str:
+        return hashlib.sha256(f"{self.run_key}:{reference_identity}".encode()).hexdigest()
+
 
 @dataclass
 class _Job:
     rel: Path
     source: Path
     output_rel: Path
+    output_format: str
     sha256: str
+    file_key: str
     scan: Scan
     references: list[dict]
     l_work: np.ndarray
@@ -250,18 +426,39 @@ class _Job:
     t0: float
     decode_s: float
 
+    @property
+    def name(self) -> str:
+        return display_path(self.rel)
+
+
+@dataclass
+class _Written:
+    result: FileResult
+    output_sha256: str
+    references: list[dict]  # path and sha256 of each reference as read
+    encode_s: float
+
+
+def one_line(exc: BaseException, path: Path | None = None) -> str:
+    """A per-file failure as one line that names the file (library errors already do)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, ArchivecolorError):
+        return text
+    where = f"{path}: " if path is not None else ""
+    return f"{where}{type(exc).__name__}: {text}"
+
 
 def _decode(path: Path, max_pixels: int) -> tuple[Scan | None, str | None, float]:
     t = time.perf_counter()
     try:
         return read_image(path, max_pixels), None, time.perf_counter() - t
-    except ArchivecolorError as exc:
-        return None, str(exc), time.perf_counter() - t
     except MemoryError:
         return None, f"{path}: out of memory while decoding; lower --jobs or --batch-size", time.perf_counter() - t
+    except Exception as exc:  # one failure boundary per file
+        return None, one_line(exc, path), time.perf_counter() - t
 
 
-def _prefetch(pool: ThreadPoolExecutor, paths: list[Path], depth: int, max_pixels: int):
+def _prefetch(pool: ThreadPoolExecutor, paths: list[Path], depth: int, max_pixels: int) -> Iterator:
     """Decode ahead of use in the pool, never more than ``depth`` files at a time."""
     window: deque[Future] = deque()
     for path in paths:
@@ -272,213 +469,335 @@ def _prefetch(pool: ThreadPoolExecutor, paths: list[Path], depth: int, max_pixel
         yield window.popleft().result()
 
 
+def write_outputs(ctx: RunContext, job: _Job, prediction: Prediction, loaded: list[Reference]) -> _Written:
+    """Render one prediction at full size and write the output, its XMP and its sidecar, each atomically."""
+    t = time.perf_counter()
+    scan = job.scan
+    rgb = render(scan, prediction)
+    fmt = job.output_format
+    icc, icc_warning = output_icc(scan.icc)
+    warnings = list(scan.warnings) + ([icc_warning] if icc_warning else [])
+    refs = []
+    for k, (chosen, ref) in enumerate(zip(job.references, loaded)):
+        if ref.sha256 and ref.sha256 != chosen["sha256"]:
+            warnings.append(f"reference {chosen['path']} changed since it was indexed; the sha256 recorded is of the "
+                            f"file as read; re-run `archivecolor index` to update the catalogue")
+        refs.append(dict(chosen, sha256=ref.sha256 or chosen["sha256"], share=round(float((prediction.chosen == k).mean()), 4),
+                         match=round(prediction.similarity[k], 4)))
+    when = utc_now()
+    xmp = build_xmp(job.name, job.sha256, job.file_key, refs, when)
+    embed_xmp = fmt in _XMP_FORMATS
+    if not embed_xmp:
+        warnings.append(f"{fmt} cannot carry XMP; provenance is in the JSON sidecar only")
+    if scan.exif and fmt in ("TIFF", "BMP"):
+        warnings.append(f"the source's EXIF block is not written into {fmt} output (orientation is kept)")
+    out_path = ctx.out_dir / job.output_rel
+    bit_depth = 16 if rgb.dtype == np.uint16 and fmt in ("PNG", "TIFF") else 8
+    write_image(out_path, rgb, fmt, alpha=scan.alpha, icc=icc, exif=scan.exif,
+                xmp=xmp if embed_xmp else None, orientation=scan.orientation)
+    try:
+        return _write_records(ctx, job, out_path, fmt, bit_depth, xmp, embed_xmp, refs, warnings, time.perf_counter() - t)
+    except BaseException:
+        # An output without its sidecar would be unaccounted for: take it back, so a re-run simply redoes it.
+        for path in (out_path, xmp_sidecar_path(out_path)):
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _write_records(ctx: RunContext, job: _Job, out_path: Path, fmt: str, bit_depth: int, xmp: bytes, embed_xmp: bool,
+                   refs: list[dict], warnings: list[str], encode_s: float) -> _Written:
+    """The XMP sidecar (when asked for) and the JSON sidecar of a written output."""
+    options, scan = ctx.options, job.scan
+    xmp_file = None
+    if options.xmp_sidecar:
+        atomic_write_bytes(xmp_sidecar_path(out_path), xmp)
+        xmp_file = xmp_sidecar_path(out_path).name
+    out_sha = sha256_file(out_path)
+    doc = make_sidecar(
+        source_root=os.path.relpath(ctx.scans_dir.resolve(), ctx.out_dir.resolve()), source_rel=job.name,
+        source_sha256=job.sha256,
+        scan_info={"width": scan.width, "height": scan.height, "bit_depth": scan.bit_depth,
+                   "format": scan.format, "orientation": scan.orientation},
+        output_rel=display_path(job.output_rel), output_sha256=out_sha, output_format=fmt,
+        output_bit_depth=bit_depth, xmp_embedded=embed_xmp, xmp_sidecar=xmp_file, references=refs,
+        models=ctx.models.hashes(), backbone=ctx.models.backbone, provider=ctx.models.provider,
+        parameters=options.parameters() | {"batch_size": options.batch_size, "jobs": options.jobs},
+        started=job.started, finished=utc_now(),
+        durations={"decode": job.decode_s, "recombine_encode": encode_s, "total": time.perf_counter() - job.t0},
+        warnings=warnings,
+    )
+    write_sidecar(out_path, doc)
+    result = FileResult(job.name, "done", display_path(job.output_rel), references=refs,
+                        seconds=time.perf_counter() - job.t0, warnings=warnings)
+    return _Written(result, out_sha, [{"path": r["path"], "sha256": r["sha256"]} for r in refs], encode_s)
+
+
+def colorize_file(ctx: RunContext, source: Path, references: list[dict], cache: ReferenceCache,
+                  file_key: str | None = None) -> FileResult:
+    """Colorize one scan with the given references (dicts with path and sha256) and write its outputs.
+
+    The per-file core that engines other than the local batch runner call; ``file_key`` is the
+    ledger key the driver planned with (it also seeds the XMP document id). Never raises for a bad
+    file: the result's status is ``done`` or ``failed`` with a one-line reason.
+    """
+    rel = source.relative_to(ctx.scans_dir)
+    t0 = time.perf_counter()
+    scan, error, decode_s = _decode(source, ctx.options.max_pixels)
+    if scan is None:
+        return FileResult(display_path(rel), "failed", reason=error or f"{source}: unreadable")
+    try:
+        fmt = output_format(scan.format, ctx.options.format)
+        key = file_key or ctx.file_key(",".join(r["sha256"] for r in references))
+        job = _Job(rel, source, output_relpath(rel, fmt), fmt, sha256_file(source), key, scan, references,
+                   target_l(scan, ctx.options.working_size), utc_now(), t0, decode_s)
+        loaded = [cache.get(r["sha256"], lambda r=r: load_reference(Path(r["path"]), r["sha256"], ctx.options.working_size, r))
+                  for r in references]
+        prediction = predict(ctx.models, job.l_work, [loaded])[0]
+        return write_outputs(ctx, job, prediction, loaded).result
+    except MemoryError:
+        return FileResult(display_path(rel), "failed", reason=f"{source}: out of memory; lower --working-size")
+    except Exception as exc:  # one failure boundary per file
+        return FileResult(display_path(rel), "failed", reason=one_line(exc, source))
+
+
 def colorize_folder(
     scans_dir: Path | str,
     options: RunOptions | None = None,
     progress: Callable[[FileResult, int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> RunReport:
-    """Colorize every scan under ``scans_dir``; returns a report with one FileResult per image.
+    """Colorize every scan under ``scans_dir``; returns a report with one FileResult per file considered.
 
     ``progress(result, done, total)`` is called after each file; ``should_stop()`` is polled
-    between batches (Ctrl-C finishes the batch in flight and returns with ``interrupted``).
+    between files (Ctrl-C finishes the batch in flight and returns with ``interrupted``).
     """
     options = options or RunOptions()
     scans_dir = Path(scans_dir)
     out_dir = Path(options.out) if options.out else default_out_dir(scans_dir)
     check_dirs(scans_dir, out_dir)
-    if options.format not in FORMATS:
-        raise UsageError(f"--format {options.format!r}: choose one of {', '.join(FORMATS)}")
-    if options.working_size % 16 or options.working_size < 64:
-        raise UsageError(f"--working-size {options.working_size}: use a multiple of 16, at least 64")
-    if options.top_k < 1 or options.batch_size < 1 or options.jobs < 1:
-        raise UsageError("--top-k, --batch-size and --jobs must be at least 1")
+    options.check()
+    if not options.dry_run:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"{out_dir}: cannot create the output folder ({exc.strerror}); choose a writable --out") from exc
+        with OutputLock(out_dir):
+            return _colorize_locked(scans_dir, out_dir, options, progress, should_stop)
+    return _colorize_locked(scans_dir, out_dir, options, progress, should_stop)
+
+
+def _colorize_locked(scans_dir: Path, out_dir: Path, options: RunOptions,
+                     progress: Callable[[FileResult, int, int], None] | None,
+                     should_stop: Callable[[], bool] | None) -> RunReport:
     started = time.perf_counter()
     entries = list(file_walk(scans_dir))
     images = [p for p, kind in entries if kind == "image"]
+    unusable = [(p, kind) for p, kind in entries if kind in _WALK_REASONS]
     models = Models.open(options.provider, options.home, threads=options.threads)
     picker = ReferencePicker(options, scans_dir, models)
+    ctx = RunContext.create(scans_dir, out_dir, options, models)
     report = RunReport(scans_dir, out_dir, models.provider, skipped_junk=sum(k == "junk" for _, k in entries))
-    run_key = hashlib.sha256(json.dumps({"models": models.hashes(), **options.parameters()},
-                                        sort_keys=True).encode()).hexdigest()
-    ledger = None if options.dry_run else (out_dir.mkdir(parents=True, exist_ok=True) or Ledger(out_dir / LEDGER_NAME))
-    cache = ReferenceCache(models)
-    times = StageTimes()
-    extra_times = {"decode": 0.0, "recombine_encode": 0.0}
-    total = len(images)
-    claimed: dict[Path, str] = {}
-
-    def finish(result: FileResult) -> None:
-        report.results.append(result)
-        if progress:
-            progress(result, len(report.results), total)
-
-    def fail(rel: str, reason: str, **ledger_row: object) -> None:
-        finish(FileResult(rel, "failed", reason=reason.splitlines()[0]))
+    ledger = None
+    if not options.dry_run:
+        report.removed_temp_files = remove_orphan_temp_files(out_dir)
+        ledger = Ledger(out_dir / LEDGER_NAME)
+    try:
+        _Batches(ctx, picker, ledger, report, progress, len(images) + len(unusable)).run(images, unusable, should_stop)
+    finally:
         if ledger is not None:
-            ledger.put(source=rel, status="failed", reason=reason.splitlines()[0], run_key=run_key, **ledger_row)
+            ledger.close()
+        picker.close()
+    report.seconds = time.perf_counter() - started
+    return report
 
-    def up_to_date(rel: str, source: Path, sha: str, out_path: Path) -> bool:
-        row = ledger.get(rel) if ledger else None
-        return bool(row and row["status"] == "done" and row["source_sha256"] == sha and row["run_key"] == run_key
-                    and out_path.exists() and sha256_file(out_path) == row["output_sha256"]
-                    and sidecar_path(out_path).exists())
 
-    def write_outputs(job: _Job, prediction: Prediction) -> tuple[FileResult, str]:
+class _Batches:
+    """Planning, batching and writing for one run; every per-file failure is recorded, never raised."""
+
+    def __init__(self, ctx: RunContext, picker: ReferencePicker, ledger: Ledger | None, report: RunReport,
+                 progress: Callable[[FileResult, int, int], None] | None, total: int) -> None:
+        self.ctx, self.options = ctx, ctx.options
+        self.picker, self.ledger, self.report = picker, ledger, report
+        self.progress, self.total = progress, total
+        self.cache = ReferenceCache(ctx.models)
+        self.times = StageTimes()
+        self.extra = {"decode": 0.0, "hash": 0.0, "recombine_encode": 0.0}
+        self.claimed: dict[Path, str] = {}
+        self.buckets: dict[tuple[int, int], list[_Job]] = {}
+        self.writes: list[tuple[_Job, Future]] = []
+
+    # --- records --------------------------------------------------------------------------------
+    def finish(self, result: FileResult) -> None:
+        self.report.results.append(result)
+        if self.progress:
+            self.progress(result, len(self.report.results), self.total)
+
+    def fail(self, name: str, reason: str, **ledger_row: object) -> None:
+        reason = reason.strip().splitlines()[0] if reason.strip() else "failed"
+        self.finish(FileResult(name, "failed", reason=reason))
+        if self.ledger is not None:
+            self.ledger.put(source=name, status="failed", reason=reason, **ledger_row)
+
+    def up_to_date(self, job_name: str, sha: str, file_key: str, out_path: Path, row: dict | None) -> bool:
+        if not (row and row.get("status") == "done" and row.get("source_sha256") == sha and row.get("run_key") == file_key
+                and out_path.exists() and sidecar_path(out_path).exists()):
+            return False
+        if sha256_file(out_path) != row.get("output_sha256"):
+            return False
+        try:  # the references as they were read then must still be the same files
+            recorded = json.loads(row.get("references") or "[]")
+            return all(Path(r["path"]).is_file() and self.picker.file_hash(Path(r["path"])) == r["sha256"] for r in recorded)
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    # --- planning -------------------------------------------------------------------------------
+    def plan(self, source: Path, scan: Scan | None, error: str | None, decode_s: float) -> _Job | None:
+        """Hash, check the ledger and choose references; returns a job, or None when the file is settled."""
+        ctx, options = self.ctx, self.options
+        rel = source.relative_to(ctx.scans_dir)
+        name = display_path(rel)
+        t0 = time.perf_counter() - decode_s
+        self.extra["decode"] += decode_s
         t = time.perf_counter()
-        scan = job.scan
-        rgb = render(scan, prediction)
-        fmt = scan.format if options.format == "same" else _FORMAT_NAMES[options.format]
-        fmt = fmt if fmt in FORMAT_SUFFIX else "PNG"
-        icc, icc_warning = output_icc(scan.icc)
-        warnings = list(scan.warnings) + ([icc_warning] if icc_warning else [])
-        refs = [dict(r, share=round(float((prediction.chosen == k).mean()), 4),
-                     match=round(prediction.similarity[k], 4)) for k, r in enumerate(job.references)]
-        when = utc_now()
-        xmp = build_xmp(job.rel.as_posix(), job.sha256, run_key, refs, when)
-        embed_xmp = fmt in _XMP_FORMATS
-        if not embed_xmp:
-            warnings.append(f"{fmt} cannot carry XMP; provenance is in the JSON sidecar only")
-        if scan.exif and fmt in ("TIFF", "BMP"):
-            warnings.append(f"the source's EXIF block is not written into {fmt} output (orientation is kept)")
-        out_path = out_dir / job.output_rel
-        bit_depth = 16 if rgb.dtype == np.uint16 and fmt in ("PNG", "TIFF") else 8
-        write_image(out_path, rgb, fmt, alpha=scan.alpha, icc=icc, exif=scan.exif,
-                    xmp=xmp if embed_xmp else None, orientation=scan.orientation)
-        xmp_file = None
-        if options.xmp_sidecar:
-            atomic_write_bytes(xmp_sidecar_path(out_path), xmp)
-            xmp_file = xmp_sidecar_path(out_path).name
-        encode_s = time.perf_counter() - t
-        out_sha = sha256_file(out_path)
-        doc = make_sidecar(
-            source_root=scans_dir.resolve(), source_rel=job.rel.as_posix(), source_sha256=job.sha256,
-            scan_info={"width": scan.width, "height": scan.height, "bit_depth": scan.bit_depth,
-                       "format": scan.format, "orientation": scan.orientation},
-            output_rel=job.output_rel.as_posix(), output_sha256=out_sha, output_format=fmt,
-            output_bit_depth=bit_depth, xmp_embedded=embed_xmp, xmp_sidecar=xmp_file, references=refs,
-            models=models.hashes(), backbone=models.backbone, provider=models.provider,
-            parameters=options.parameters() | {"batch_size": options.batch_size, "jobs": options.jobs},
-            started=job.started, finished=utc_now(),
-            durations={"decode": job.decode_s, "recombine_encode": encode_s, "total": time.perf_counter() - job.t0},
-            warnings=warnings,
-        )
-        write_sidecar(out_path, doc)
-        extra_times["recombine_encode"] += encode_s
-        result = FileResult(job.rel.as_posix(), "done", job.output_rel.as_posix(), references=refs,
-                            seconds=time.perf_counter() - job.t0, warnings=warnings)
-        return result, out_sha
+        try:
+            sha = sha256_file(source)
+        except OSError as exc:
+            self.fail(name, f"{source}: cannot read ({exc.strerror or exc}); check its permissions")
+            return None
+        self.extra["hash"] += time.perf_counter() - t
+        if scan is None:
+            self.fail(name, error or f"{source}: unreadable", source_sha256=sha)
+            return None
+        fmt = output_format(scan.format, options.format)
+        output_rel = output_relpath(rel, fmt)
+        out_path = ctx.out_dir / output_rel
+        if output_rel in self.claimed:
+            self.fail(name, f"{source}: output {display_path(output_rel)} would overwrite the output of "
+                            f"{self.claimed[output_rel]}; rename one of them", source_sha256=sha)
+            return None
+        self.claimed[output_rel] = name
+        if scan.pixels.ndim == 3 and not any("treated as gray" in w for w in scan.warnings):
+            self.finish(FileResult(name, "skipped", reason="already a colour image; nothing to colorize"))
+            return None
+        file_key = ctx.file_key(self.picker.identity(name))
+        row = self.ledger.get(name) if self.ledger is not None else None
+        if not options.dry_run:
+            if not options.overwrite and self.up_to_date(name, sha, file_key, out_path, row):
+                self.finish(FileResult(name, "skipped", display_path(output_rel), reason="up to date"))
+                return None
+            if (out_path.exists() or sidecar_path(out_path).exists()) and not written_by_us(out_path, output_rel, row):
+                self.fail(name, f"{out_path}: exists and was not written by archivecolor; refusing to replace it "
+                                f"(choose an empty --out, or move that file away)", source_sha256=sha)
+                return None
+        references = self.picker.pick(name, scan, sha)
+        if options.dry_run:
+            self.finish(FileResult(name, "planned", display_path(output_rel), references=references, warnings=scan.warnings))
+            return None
+        return _Job(rel, source, output_rel, fmt, sha, file_key, scan, references,
+                    target_l(scan, options.working_size), utc_now(), t0, decode_s)
 
-    buckets: dict[tuple[int, int], list[_Job]] = {}
-    writes: list[tuple[_Job, Future]] = []
+    # --- batching -------------------------------------------------------------------------------
+    def run_bucket(self, key: tuple[int, int], pool: ThreadPoolExecutor) -> None:
+        jobs = self.buckets.pop(key, [])
+        if not jobs:
+            return
+        size = self.options.working_size
+        usable, loaded = [], []
+        for job in jobs:
+            try:
+                loaded.append([self.cache.get(r["sha256"], lambda r=r: load_reference(Path(r["path"]), r["sha256"], size, r))
+                               for r in job.references])
+                usable.append(job)
+            except Exception as exc:  # one failure boundary per file
+                self.fail(job.name, f"reference unusable: {one_line(exc)}", source_sha256=job.sha256)
+        if not usable:
+            return
+        try:
+            predictions = predict(self.ctx.models, np.concatenate([j.l_work for j in usable]), loaded, self.times)
+        except Exception as exc:
+            if len(usable) > 1:  # find the file that the networks cannot take; the others go on
+                for job, refs in zip(usable, loaded):
+                    self._predict_one(job, refs, pool)
+                return
+            self.fail(usable[0].name, f"{usable[0].source}: the networks failed on it ({one_line(exc)})",
+                      source_sha256=usable[0].sha256)
+            return
+        for job, prediction, refs in zip(usable, predictions, loaded):
+            self.writes.append((job, pool.submit(write_outputs, self.ctx, job, prediction, refs)))
 
-    def collect(block: bool) -> None:
+    def _predict_one(self, job: _Job, refs: list[Reference], pool: ThreadPoolExecutor) -> None:
+        try:
+            prediction = predict(self.ctx.models, job.l_work, [refs], self.times)[0]
+        except MemoryError:
+            self.fail(job.name, f"{job.source}: out of memory in the networks; lower --working-size", source_sha256=job.sha256)
+            return
+        except Exception as exc:
+            self.fail(job.name, f"{job.source}: the networks failed on it ({one_line(exc)})", source_sha256=job.sha256)
+            return
+        self.writes.append((job, pool.submit(write_outputs, self.ctx, job, prediction, refs)))
+
+    # --- writing --------------------------------------------------------------------------------
+    def collect(self, block: bool) -> None:
         keep = []
-        for job, fut in writes:
+        for job, fut in self.writes:
             if not block and not fut.done():
                 keep.append((job, fut))
                 continue
             try:
-                result, out_sha = fut.result()
-            except ArchivecolorError as exc:
-                fail(job.rel.as_posix(), str(exc), source_sha256=job.sha256)
-                continue
+                written: _Written = fut.result()
             except MemoryError:
-                fail(job.rel.as_posix(), f"{job.source}: out of memory while writing; lower --jobs",
-                     source_sha256=job.sha256)
+                self.fail(job.name, f"{job.source}: out of memory while writing; lower --jobs", source_sha256=job.sha256)
                 continue
-            if ledger is not None:
+            except Exception as exc:  # one failure boundary per file
+                self.fail(job.name, one_line(exc, self.ctx.out_dir / job.output_rel), source_sha256=job.sha256)
+                continue
+            self.extra["recombine_encode"] += written.encode_s
+            if self.ledger is not None:
                 st = job.source.stat()
-                ledger.put(source=result.source, source_sha256=job.sha256, size=st.st_size, mtime=st.st_mtime,
-                           run_key=run_key, output=result.output,
-                           output_sha256=out_sha, status="done", reason="")
-            finish(result)
-        writes[:] = keep
+                self.ledger.put(source=job.name, source_sha256=job.sha256, size=st.st_size, mtime=st.st_mtime,
+                                run_key=job.file_key, output=written.result.output, output_sha256=written.output_sha256,
+                                references=json.dumps(written.references), status="done", reason="")
+            self.finish(written.result)
+        self.writes[:] = keep
 
-    def run_bucket(key: tuple[int, int], pool: ThreadPoolExecutor) -> None:
-        jobs = buckets.pop(key, [])
-        if not jobs:
-            return
-        try:
-            refs = [[cache.get(r["sha256"], lambda r=r: load_reference(Path(r["path"]), r["sha256"],
-                                                                       options.working_size, r))
-                     for r in job.references] for job in jobs]
-        except ArchivecolorError as exc:
-            for job in jobs:
-                fail(job.rel.as_posix(), f"reference unusable: {exc}", source_sha256=job.sha256)
-            return
-        predictions = predict(models, np.concatenate([j.l_work for j in jobs]), refs, times)
-        for job, prediction in zip(jobs, predictions):
-            writes.append((job, pool.submit(write_outputs, job, prediction)))
+    def pending_pixels(self) -> int:
+        return sum(j.scan.width * j.scan.height for js in self.buckets.values() for j in js)
 
-    def pending_pixels() -> int:
-        return sum(j.scan.width * j.scan.height for js in buckets.values() for j in js)
-
-    try:
+    def run(self, images: list[Path], unusable: list[tuple[Path, str]], should_stop: Callable[[], bool] | None) -> None:
+        options = self.options
+        for path, kind in unusable:
+            rel = path.relative_to(self.ctx.scans_dir) if self.ctx.scans_dir in path.parents else path
+            self.finish(FileResult(display_path(rel), "failed" if kind == "unreadable" else "skipped",
+                                   reason=f"{path}: {_WALK_REASONS[kind]}"))
         with ThreadPoolExecutor(max_workers=options.jobs) as pool:
             decoded = None if options.dry_run else _prefetch(pool, images, options.jobs, options.max_pixels)
             for source in images:
                 if should_stop and should_stop():
-                    report.interrupted = True
+                    self.report.interrupted = True
                     break
-                rel = source.relative_to(scans_dir)
-                rel_s = rel.as_posix()
-                t0 = time.perf_counter()
-                scan, error, decode_s = (next(decoded) if decoded is not None else _decode(source, options.max_pixels))
-                extra_times["decode"] += decode_s
+                scan, error, decode_s = next(decoded) if decoded is not None else _decode(source, options.max_pixels)
                 try:
-                    sha = sha256_file(source)
-                except OSError as exc:
-                    fail(rel_s, f"{source}: cannot read ({exc.strerror})")
+                    job = self.plan(source, scan, error, decode_s)
+                except (LedgerError, UsageError):
+                    raise  # the run cannot record anything more, or cannot work at all: stop cleanly
+                except Exception as exc:  # one failure boundary per file
+                    self.fail(display_path(source.relative_to(self.ctx.scans_dir)), one_line(exc, source))
                     continue
-                if scan is None:
-                    fail(rel_s, error or f"{source}: unreadable", source_sha256=sha)
+                if job is None:
                     continue
-                output_rel = output_relpath(rel, scan.format, options.format)
-                out_path = out_dir / output_rel
-                if output_rel in claimed:
-                    fail(rel_s, f"{source}: output {output_rel} would overwrite the output of {claimed[output_rel]}; "
-                                f"use --format same", source_sha256=sha)
-                    continue
-                claimed[output_rel] = rel_s
-                if scan.pixels.ndim == 3 and not any("treated as gray" in w for w in scan.warnings):
-                    finish(FileResult(rel_s, "skipped", reason="already a colour image; nothing to colorize"))
-                    continue
-                if not options.overwrite and not options.dry_run and up_to_date(rel_s, source, sha, out_path):
-                    finish(FileResult(rel_s, "skipped", output_rel.as_posix(), reason="up to date"))
-                    continue
-                try:
-                    references = picker.pick(rel_s, scan, sha)
-                except ArchivecolorError as exc:
-                    fail(rel_s, str(exc), source_sha256=sha)
-                    continue
-                if options.dry_run:
-                    finish(FileResult(rel_s, "planned", output_rel.as_posix(), references=references,
-                                      warnings=scan.warnings))
-                    continue
-                l_work = target_l(scan, options.working_size)
-                job = _Job(rel, source, output_rel, sha, scan, references, l_work, utc_now(), t0, decode_s)
-                key = l_work.shape[-2:]
-                buckets.setdefault(key, []).append(job)
-                if len(buckets[key]) >= options.batch_size:
-                    run_bucket(key, pool)
-                elif pending_pixels() > PENDING_PIXEL_LIMIT:
-                    for k in list(buckets):
-                        run_bucket(k, pool)
-                collect(block=False)
-            for key in list(buckets):
-                run_bucket(key, pool)
-            collect(block=True)
-    finally:
-        if ledger is not None:
-            ledger.close()
-        if picker.catalog is not None:
-            picker.catalog.close()
-    report.seconds = time.perf_counter() - started
-    report.stage_seconds = {"decode": round(extra_times["decode"], 3),
-                            "features": round(times.features, 3),
-                            "correspondence": round(times.correspondence, 3),
-                            "unet": round(times.unet, 3),
-                            "recombine_encode": round(extra_times["recombine_encode"], 3),
-                            "reference_cache_hits": cache.hits, "reference_cache_misses": cache.misses}
-    return report
+                key = job.l_work.shape[-2:]
+                self.buckets.setdefault(key, []).append(job)
+                if len(self.buckets[key]) >= options.batch_size:
+                    self.run_bucket(key, pool)
+                elif self.pending_pixels() > PENDING_PIXEL_LIMIT:
+                    for k in list(self.buckets):
+                        self.run_bucket(k, pool)
+                self.collect(block=False)
+            for key in list(self.buckets):
+                self.run_bucket(key, pool)
+            self.collect(block=True)
+        self.report.stage_seconds = {
+            "decode": round(self.extra["decode"], 3), "hash": round(self.extra["hash"], 3),
+            "features": round(self.times.features, 3), "correspondence": round(self.times.correspondence, 3),
+            "unet": round(self.times.unet, 3), "recombine_encode": round(self.extra["recombine_encode"], 3),
+            "reference_cache_hits": self.cache.hits, "reference_cache_misses": self.cache.misses}

@@ -13,14 +13,25 @@ from PIL import Image
 
 from archivecolor.color import lab_to_rgb_keep_l
 
+# Frames (glass-plate edges, film rebates, mounts): near-black or near-white bands that touch the border.
+FRAME_DARK_L = 18.0
+FRAME_BRIGHT_L = 92.0
+FRAME_MAX_FRACTION = 0.3  # a band deeper than this is picture, not frame
 GUIDE_RADIUS = 2  # in working-size pixels
 GUIDE_EPS = 1e-3  # on L/100; larger is smoother, towards plain bilinear
 STRIP_ROWS = 512  # rows recombined at a time, bounding memory on huge scans
 
 
+MAX_ASPECT = 6  # the long side of the working size is at most this many short sides
+
+
 def working_size(height: int, width: int, short_side: int, multiple: int = 16) -> tuple[int, int]:
-    """(h, w) with the short side near ``short_side``, both multiples of ``multiple``, aspect kept."""
-    scale = short_side / min(height, width)
+    """(h, w) with the short side near ``short_side``, both multiples of ``multiple``, aspect kept.
+
+    The long side is capped at ``MAX_ASPECT * short_side``: a 1×4000 strip would otherwise become a
+    256×1,024,000 network input. Such a strip is worked on thinner instead (never under ``multiple``).
+    """
+    scale = min(short_side / min(height, width), MAX_ASPECT * short_side / max(height, width))
     h = max(multiple, int(round(height * scale / multiple)) * multiple)
     w = max(multiple, int(round(width * scale / multiple)) * multiple)
     return h, w
@@ -80,13 +91,48 @@ def bilinear_rows(low: np.ndarray, height: int, width: int, y0: int, y1: int) ->
     return (top * (1 - fy) + bottom * fy).astype(np.float32)
 
 
+def _run_from_start(flags: np.ndarray) -> np.ndarray:
+    """Per row of a boolean (n, m) array, how many leading entries are True."""
+    stops = ~flags
+    return np.where(stops.any(axis=1), stops.argmax(axis=1), flags.shape[1])
+
+
+def frame_mask(l_low: np.ndarray) -> np.ndarray:
+    """Where the image is its frame, (h, w) float32 in [0, 1]: 1 inside a frame band, feathered over two pixels.
+
+    A frame band is a run of near-black or near-white pixels (most of each 3×3 neighbourhood) that starts
+    at the image border and goes straight inward, in rows from the left and right edges and in columns
+    from the top and bottom, no deeper than ``FRAME_MAX_FRACTION`` of the side. Such bands are kept
+    neutral: the network has no colour to give a black glass-plate edge or a white mount.
+    """
+    h, w = l_low.shape
+    mask = np.zeros((h, w), dtype=bool)
+    for raw in (l_low <= FRAME_DARK_L, l_low >= FRAME_BRIGHT_L):
+        # A pixel counts when most of its 3×3 neighbourhood is extreme: dust and scratches do not stop a band.
+        extreme = box_mean(raw[..., None].astype(np.float32), 1)[..., 0] >= 0.6
+        for flags, transpose in ((extreme, False), (extreme.T, True)):
+            n = flags.shape[1]
+            limit = int(n * FRAME_MAX_FRACTION)
+            lead = np.minimum(_run_from_start(flags), limit)
+            trail = np.minimum(_run_from_start(flags[:, ::-1]), limit)
+            cols = np.arange(n)
+            band = (cols[None, :] < lead[:, None]) | (cols[None, :] >= n - trail[:, None])
+            mask |= band.T if transpose else band
+    # Grow by two pixels so that, after the step is softened and upsampled bilinearly, the frame's inner
+    # edge still gets no chroma at full size.
+    grown = box_mean(mask[..., None].astype(np.float32), 2)[..., 0] > 0
+    return box_mean(grown[..., None].astype(np.float32), 1)[..., 0]
+
+
 def recombine(
-    lightness: np.ndarray, ab_low: np.ndarray, l_low: np.ndarray, dtype: type = np.uint8, edge_aware: bool = True
+    lightness: np.ndarray, ab_low: np.ndarray, l_low: np.ndarray, dtype: type = np.uint8, edge_aware: bool = True,
+    neutral_frames: bool = True,
 ) -> np.ndarray:
     """Full-resolution RGB from the original L and the model's low-resolution ab.
 
     lightness: (H, W) float32 L in [0, 100], the original scan's. ab_low: (h, w, 2) float32 CIELAB
     a, b at working size. l_low: (h, w) float32 L in [0, 100] at working size (the guide).
+    neutral_frames: keep near-black and near-white border bands (``frame_mask``) free of chroma.
     Returns (H, W, 3) ``dtype`` (uint8 or uint16) sRGB whose L equals ``lightness`` up to quantisation.
     """
     height, width = lightness.shape
@@ -95,6 +141,7 @@ def recombine(
         low = np.concatenate([coef_a, coef_b], axis=-1)
     else:
         low = ab_low
+    keep = (1.0 - frame_mask(l_low))[..., None] if neutral_frames else None
     top = np.iinfo(dtype).max
     out = np.empty((height, width, 3), dtype=dtype)
     for y0 in range(0, height, STRIP_ROWS):
@@ -102,6 +149,8 @@ def recombine(
         l_strip = lightness[y0:y1]
         up = bilinear_rows(low, height, width, y0, y1)
         ab = up[..., 0:2] * (l_strip[..., None] / 100.0) + up[..., 2:4] if edge_aware else up
+        if keep is not None:  # applied at full size, after the guided filter, so no colour bleeds into a frame
+            ab = ab * bilinear_rows(keep, height, width, y0, y1)
         lab = np.concatenate([l_strip[..., None], ab], axis=-1)
         out[y0:y1] = np.round(lab_to_rgb_keep_l(lab) * top).astype(dtype)
     return out

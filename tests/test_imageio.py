@@ -1,13 +1,13 @@
 import io
+import os
 
 import numpy as np
 import pytest
 import tifffile
 from PIL import Image, ImageCms
 
-from archivecolor.errors import ImageReadError, ImageTooLarge
+from archivecolor.errors import ImageReadError, ImageTooLarge, ImageWriteError
 from archivecolor.imageio import (
-    atomic_write,
     from_upright,
     icc_colour_space,
     output_icc,
@@ -170,15 +170,29 @@ def test_toned_scan_is_flagged(tmp_path, photo):
     assert not read_image(tmp_path / "colour.png").warnings
 
 
-def test_atomic_write_leaves_nothing_partial(tmp_path):
-    target = tmp_path / "out.bin"
+def test_a_full_disk_leaves_the_old_file_and_no_temp_file(tmp_path, monkeypatch):
+    import errno
+
+    from archivecolor import imageio
+
+    target = tmp_path / "out.png"
     target.write_bytes(b"old")
+    real_write = os.write
+    budget = {"bytes": 1000}
 
-    def broken(tmp):
-        tmp.write_bytes(b"half")
-        raise RuntimeError("killed")
+    def filling_disk(fd, data):  # the disk fills after 1000 bytes, as on a small tmpfs
+        if budget["bytes"] <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = real_write(fd, bytes(data[: budget["bytes"]]))
+        budget["bytes"] -= n
+        return n
 
-    with pytest.raises(RuntimeError):
-        atomic_write(target, broken)
+    monkeypatch.setattr(imageio.os, "write", filling_disk)
+    rgb = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    with pytest.raises(ImageWriteError, match="out.png.*free space"):
+        write_image(target, rgb, "PNG")
     assert target.read_bytes() == b"old"
-    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
+    monkeypatch.undo()
+    write_image(target, rgb, "PNG")  # with space again it completes
+    assert np.array_equal(read_image(target).pixels, rgb)

@@ -1,0 +1,326 @@
+"""The runner under hostile input: real files, real processes, one failure boundary per file."""
+
+import errno
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import PIL.Image
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from archivecolor.cli import app
+from archivecolor.errors import ArchivecolorError, UsageError
+from archivecolor.imageio import read_image
+from archivecolor.provenance import verify
+from archivecolor.runner import INTERRUPTED_EXIT, RunOptions, colorize_folder
+from tests.conftest import ROOT, colour_photos, gray_of
+
+runner = CliRunner()
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return colour_photos(6, (160, 112))
+
+
+@pytest.fixture
+def reference(tmp_path, photos):
+    path = tmp_path / "refs" / "reference.png"
+    path.parent.mkdir()
+    Image.fromarray(photos[5]).save(path)
+    return path
+
+
+def gray_scans(folder, photos, n=2):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(gray_of(photos[i])).save(folder / f"scan{i}.png")
+    return folder
+
+
+def by_source(report):
+    return {r.source: r for r in report.results}
+
+
+def test_extreme_aspect_ratios_and_tiny_scans_never_abort_the_batch(tmp_path, photos, reference, models_home):
+    scans = gray_scans(tmp_path / "scans", photos)
+    Image.fromarray(np.full((1, 4000), 128, np.uint8)).save(scans / "strip-1x4000.png")
+    Image.fromarray(np.full((4000, 1), 90, np.uint8)).save(scans / "strip-4000x1.png")
+    Image.fromarray(np.full((1, 1), 200, np.uint8)).save(scans / "dot-1x1.png")
+    before = snapshot(scans)
+    report = colorize_folder(scans, RunOptions(out=tmp_path / "out", reference=reference))
+    results = by_source(report)
+    assert results["scan0.png"].status == results["scan1.png"].status == "done"
+    for name in ("strip-1x4000.png", "strip-4000x1.png", "dot-1x1.png"):
+        assert results[name].status == "done", results[name].reason
+        src, out = read_image(scans / name), read_image(tmp_path / "out" / name)
+        assert (out.width, out.height) == (src.width, src.height)
+    assert snapshot(scans) == before
+
+
+def test_a_write_error_is_one_failure_and_the_batch_goes_on(tmp_path, photos, reference, models_home, monkeypatch):
+    from archivecolor import imageio
+
+    scans = gray_scans(tmp_path / "scans", photos, 3)
+    real_replace = os.replace
+
+    def disk_full_for_one_sidecar(src, dst):  # the sidecar of scan1 hits a full disk
+        if str(dst).endswith("scan1.png.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(imageio.os, "replace", disk_full_for_one_sidecar)
+    out = tmp_path / "out"
+    report = colorize_folder(scans, RunOptions(out=out, reference=reference))
+    results = by_source(report)
+    assert results["scan1.png"].status == "failed" and "No space left" in results["scan1.png"].reason
+    assert results["scan0.png"].status == results["scan2.png"].status == "done"
+    assert report.exit_code == 1
+    assert not [p for p in out.rglob("*.tmp")]
+    monkeypatch.undo()
+    again = colorize_folder(scans, RunOptions(out=out, reference=reference))  # with space, the run completes it
+    assert [r.source for r in again.results if r.status == "done"] == ["scan1.png"]
+    assert verify(out).clean
+
+
+def test_the_ledger_keys_on_reference_content_not_paths(tmp_path, photos, reference, models_home):
+    scans = gray_scans(tmp_path / "scans", photos, 2)
+    out = tmp_path / "out"
+    first = colorize_folder(scans, RunOptions(out=out, reference=reference))
+    assert first.count("done") == 2
+    assert colorize_folder(scans, RunOptions(out=out, reference=reference)).count("skipped") == 2
+    Image.fromarray(photos[4]).save(reference)  # the same path, another photo
+    redone = colorize_folder(scans, RunOptions(out=out, reference=reference))
+    assert redone.count("done") == 2
+    assert json.loads((out / "scan0.png.json").read_text())["references"][0]["sha256"] == sha(reference)
+
+    other = tmp_path / "refs" / "other.png"
+    Image.fromarray(photos[3]).save(other)
+    mapping = tmp_path / "map.csv"
+    mapping.write_text(f"scan,reference\nscan0.png,{reference}\nscan1.png,{reference}\n")
+    assert colorize_folder(scans, RunOptions(out=out, mapping=mapping)).count("done") == 2
+    assert colorize_folder(scans, RunOptions(out=out, mapping=mapping)).count("skipped") == 2
+    mapping.write_text(f"scan,reference\nscan0.png,{reference}\nscan1.png,{other}\n")  # one row re-picked
+    edited = colorize_folder(scans, RunOptions(out=out, mapping=mapping))
+    assert [r.source for r in edited.results if r.status == "done"] == ["scan1.png"]
+
+
+def test_sidecar_certifies_the_reference_as_read_not_as_indexed(tmp_path, photos, models_home):
+    from archivecolor.catalog import index_references
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    Image.fromarray(photos[5]).save(refs / "only.png")
+    catalog = tmp_path / "cat.sqlite"
+    index_references(refs, catalog, home=models_home)
+    Image.fromarray(photos[4]).save(refs / "only.png")  # changed after indexing
+    scans = gray_scans(tmp_path / "scans", photos, 1)
+    out = tmp_path / "out"
+    report = colorize_folder(scans, RunOptions(out=out, catalog=catalog))
+    doc = json.loads((out / "scan0.png.json").read_text())
+    assert report.count("done") == 1
+    assert doc["references"][0]["sha256"] == sha(refs / "only.png")
+    assert any("changed since it was indexed" in w for w in doc["warnings"])
+
+
+def test_format_same_writes_what_the_name_says(tmp_path, photos, reference, models_home):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    Image.fromarray(gray_of(photos[0])).save(scans / "misnamed.jpg", format="PNG")  # PNG bytes, .jpg name
+    out = tmp_path / "out"
+    report = colorize_folder(scans, RunOptions(out=out, reference=reference))
+    assert report.results[0].output == "misnamed.png"
+    assert Image.open(out / "misnamed.png").format == "PNG" and not (out / "misnamed.jpg").exists()
+
+
+def test_interrupted_run_exits_130_and_resumes(tmp_path, photos, reference, models_home):
+    scans = gray_scans(tmp_path / "scans", photos, 3)
+    out = tmp_path / "out"
+    seen = []
+    first = colorize_folder(scans, RunOptions(out=out, reference=reference, batch_size=1),
+                            progress=lambda r, done, total: seen.append(r), should_stop=lambda: len(seen) >= 1)
+    assert first.interrupted and first.exit_code == INTERRUPTED_EXIT == 130
+    second = colorize_folder(scans, RunOptions(out=out, reference=reference))
+    assert second.exit_code == 0 and second.count("done") + second.count("skipped") == 3
+
+
+def test_importing_archivecolor_keeps_pillows_bomb_guard(tmp_path):
+    code = "import PIL.Image as I; d = I.MAX_IMAGE_PIXELS; import archivecolor.runner, archivecolor.cli; " \
+           "print(I.MAX_IMAGE_PIXELS == d and d is not None)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "True"
+    assert PIL.Image.MAX_IMAGE_PIXELS is not None
+
+
+def test_header_bomb_is_refused_by_our_limit(tmp_path):
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    bomb = tmp_path / "bomb.png"  # a PNG header claiming 100000x100000 pixels
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 0, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    with pytest.raises(ArchivecolorError, match="bomb.png.*exceeds the limit.*--max-pixels"):
+        read_image(bomb)
+
+
+def test_verify_follows_a_moved_archive_and_survives_foreign_json(tmp_path, photos, reference, models_home):
+    base = tmp_path / "archive"
+    scans = gray_scans(base / "scans", photos, 1)
+    colorize_folder(scans, RunOptions(out=base / "out", reference=reference))
+    doc = json.loads((base / "out" / "scan0.png.json").read_text())
+    assert not os.path.isabs(doc["source"]["root"]) and str(tmp_path) not in json.dumps(doc["source"])
+    moved = tmp_path / "moved"
+    base.rename(moved)  # the archive moves, outputs and scans together
+    assert verify(moved / "out").clean
+    (moved / "out" / "list.json").write_text("[1, 2]")
+    (moved / "out" / "number.json").write_text("7")
+    (moved / "out" / "latin1.json").write_bytes(b'{"name": "caf\xe9"}')
+    assert verify(moved / "out").clean  # not sidecars: ignored, never a crash
+    apart = tmp_path / "apart"
+    (moved / "scans").rename(apart)
+    assert verify(moved / "out").missing_source == ["scan0.png"]
+    assert verify(moved / "out", apart).clean
+    result = runner.invoke(app, ["verify", str(moved / "out"), "--scans", str(apart)])
+    assert result.exit_code == 0, result.output
+
+    doc = json.loads((moved / "out" / "scan0.png.json").read_text())
+    doc["references"][0]["sha256"] = "0" * 64  # an edited sidecar
+    (moved / "out" / "scan0.png.json").write_text(json.dumps(doc))
+    assert verify(moved / "out", apart).changed_reference == ["scan0.png"]
+    (moved / "out" / ".scan0.png.4242.tmp").write_bytes(b"half")
+    assert verify(moved / "out", apart).temp_files == [".scan0.png.4242.tmp"]
+
+
+def test_never_replaces_files_it_did_not_write(tmp_path, photos, reference, models_home):
+    scans = gray_scans(tmp_path / "scans", photos, 2)
+    other_scans = gray_scans(tmp_path / "other-scans", photos[2:], 2)  # same names, other photos
+    before = snapshot(other_scans)
+    report = colorize_folder(scans, RunOptions(out=other_scans, reference=reference, overwrite=True))
+    assert report.count("failed") == 2 and report.exit_code == 1
+    assert all("not written by archivecolor" in r.reason for r in report.results)
+    after = snapshot(other_scans)
+    assert {k: after[k] for k in before} == before  # only the run's own ledger and lock were added
+    assert set(after) - set(before) == {".archivecolor-ledger.sqlite", ".archivecolor.lock"}
+    out = tmp_path / "out"
+    colorize_folder(scans, RunOptions(out=out, reference=reference))
+    assert colorize_folder(scans, RunOptions(out=out, reference=reference, overwrite=True)).count("done") == 2
+
+
+def test_fifos_device_links_and_escaping_links_are_skipped_with_a_reason(tmp_path, photos, reference, models_home):
+    scans = gray_scans(tmp_path / "scans", photos, 1)
+    os.mkfifo(scans / "pipe.png")
+    (scans / "zero.jpg").symlink_to("/dev/zero")
+    (scans / "everything").symlink_to("/")
+    (scans / "inside.png").symlink_to(scans / "scan0.png")
+    (scans / "loop").symlink_to(scans)
+    name = os.fsdecode(b"caf\xe9 \n name.png")  # not UTF-8, with a space and a newline
+    Image.fromarray(gray_of(photos[1])).save(os.path.join(os.fsencode(scans), os.fsencode(name)))
+    out = tmp_path / "out"
+    code = textwrap.dedent(f"""
+        from archivecolor.runner import RunOptions, colorize_folder
+        r = colorize_folder({str(scans)!r}, RunOptions(out={str(out)!r}, reference={str(reference)!r}))
+        for x in r.results:
+            print(x.status, '|', x.source.replace(chr(10), '<nl>'), '|', x.reason)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, cwd=ROOT,
+                          env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split(" | ")[1]: line for line in proc.stdout.splitlines()}
+    assert lines["scan0.png"].startswith("done") and lines["inside.png"].startswith("done")
+    assert "not a regular file" in lines["pipe.png"]
+    assert "leaves the scans folder" in lines["zero.jpg"] and "leaves the scans folder" in lines["everything"]
+    odd = [k for k in lines if k.startswith("caf")]
+    assert len(odd) == 1 and lines[odd[0]].startswith("done") and "\\xe9" in odd[0]
+
+
+def test_a_second_run_on_the_same_output_folder_is_refused_with_the_holder(tmp_path, photos, reference, models_home):
+    scans = gray_scans(tmp_path / "scans", photos, 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from archivecolor.runner import OutputLock\n"
+         f"with OutputLock(Path({str(out)!r})):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ArchivecolorError, match=rf"another archivecolor run \(pid {holder.pid} on .*\) is writing"):
+            colorize_folder(scans, RunOptions(out=out, reference=reference))
+        result = runner.invoke(app, ["run", str(scans), "--out", str(out), "--reference", str(reference)])
+        assert result.exit_code == 1 and "another archivecolor run" in result.output
+    finally:
+        holder.kill()
+        holder.wait()
+    assert colorize_folder(scans, RunOptions(out=out, reference=reference)).count("done") == 1
+
+
+def test_orphan_temp_files_of_a_killed_run_are_cleaned(tmp_path, photos, reference, models_home):
+    scans = gray_scans(tmp_path / "scans", photos, 1)
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "sub" / ".scan0.png.99999.tmp").write_bytes(b"partial")
+    report = colorize_folder(scans, RunOptions(out=out, reference=reference))
+    assert report.removed_temp_files == 1 and not list(out.rglob("*.tmp"))
+
+
+def test_run_dot_writes_beside_the_folder(tmp_path, photos, reference, models_home, monkeypatch):
+    scans = gray_scans(tmp_path / "box", photos, 1)
+    monkeypatch.chdir(scans)
+    result = runner.invoke(app, ["run", ".", "--reference", str(reference), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "box-colorized" / "scan0.png").exists()
+
+
+def test_bad_references_mappings_and_catalogues_are_clear_errors(tmp_path, photos, reference, models_home):
+    scans = gray_scans(tmp_path / "scans", photos, 1)
+    gray_ref = tmp_path / "gray.png"
+    Image.fromarray(gray_of(photos[4])).save(gray_ref)
+    with pytest.raises(UsageError, match="grayscale or toned"):
+        colorize_folder(scans, RunOptions(out=tmp_path / "o1", reference=gray_ref))
+    escaping = tmp_path / "escape.csv"
+    escaping.write_text(f"scan,reference\n../../etc/passwd,{reference}\n")
+    with pytest.raises(UsageError, match="escape.csv:2.*inside"):
+        colorize_folder(scans, RunOptions(out=tmp_path / "o2", mapping=escaping))
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(bytes(range(256)) * 4)
+    result = runner.invoke(app, ["run", str(scans), "--out", str(tmp_path / "o3"), "--mapping", str(binary)])
+    assert result.exit_code == 2 and "binary.csv" in result.output and "Traceback" not in result.output
+    missing = tmp_path / "missing.csv"
+    missing.write_text(f"scan,reference\nscan0.png,{tmp_path / 'nope.jpg'}\n")
+    with pytest.raises(UsageError, match="nope.jpg does not exist"):
+        colorize_folder(scans, RunOptions(out=tmp_path / "o4", mapping=missing))
+    not_sqlite = tmp_path / "cat.sqlite"
+    not_sqlite.write_bytes(b"this is not a database" * 100)
+    result = runner.invoke(app, ["run", str(scans), "--out", str(tmp_path / "o5"), "--catalog", str(not_sqlite)])
+    assert result.exit_code == 1 and "not a readable catalogue" in result.output
+    from archivecolor.catalog import Catalog
+
+    empty = tmp_path / "empty.sqlite"
+    Catalog.open(empty, create=True).close()
+    result = runner.invoke(app, ["run", str(scans), "--out", str(tmp_path / "o6"), "--catalog", str(empty)])
+    assert result.exit_code == 1 and "no colour references" in result.output
+
+
+def test_output_folder_that_is_a_file_is_a_usage_error(tmp_path, photos, reference, models_home):
+    scans = gray_scans(tmp_path / "scans", photos, 1)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    result = runner.invoke(app, ["run", str(scans), "--out", str(afile), "--reference", str(reference)])
+    assert result.exit_code == 2 and "is not a folder" in result.output
