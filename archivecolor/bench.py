@@ -424,7 +424,7 @@ def write_figures(samples: list[Sample], scores: dict, methods: tuple[str, ...],
             panels = (("warped reference", _rgb(s.l, p.x13[1:3].transpose(1, 2, 0) * 128)),
                       ("similarity conv2 (t→r)", p.x13[4]), ("similarity conv5 (t→r)", p.x13[7]),
                       ("round-trip similarity conv3", p.x13[10]), ("trust in reference", p.trust),
-                      ("Grad-CAM (U-Net bottleneck)", gradcam(p.x13) if gradcam else np.zeros_like(p.trust)))
+                      ("Grad-CAM (U-Net bottleneck)", gradcam(p.x13, p.semantic) if gradcam else np.zeros_like(p.trust)))
             for col, (title, img) in enumerate(panels):
                 axes[row, col].imshow(img, cmap=None if img.ndim == 3 else "magma",
                                       vmin=None if img.ndim == 3 else 0, vmax=None if img.ndim == 3 else 1)
@@ -455,13 +455,16 @@ class UNetGradCAM:
         from torch import nn
 
         from archivecolor.models.store import widen_float16
-        from archivecolor.nets.unet import ColorUNet
+        from archivecolor.nets.unet import SEMANTIC_FEATURES, ColorUNet
 
         graph = onnx.load_from_string(widen_float16(Path(unet_path).read_bytes())).graph
         inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
         convs = [n for n in graph.node if n.op_type == "Conv"]
-        width = int(inits[convs[0].input[1]].shape[0])
-        net = ColorUNet(width=width)
+        inputs = [i.name for i in graph.input]
+        semantic = SEMANTIC_FEATURES[0][0] in inputs
+        # The first convolution is the first projection (semantic prior) or the first encoder block.
+        width = int(inits[convs[0].input[1]].shape[0]) // (4 if semantic else 1)
+        net = ColorUNet(width=width, semantic=semantic)
         modules = []
         for name, module in list(net.named_modules()):
             if isinstance(module, nn.BatchNorm2d):
@@ -479,13 +482,14 @@ class UNetGradCAM:
         self.torch = torch
         self.net = net.eval()
 
-    def __call__(self, x13: np.ndarray) -> np.ndarray:
-        """x13: (13, h, w) U-Net input. Returns the (h, w) Grad-CAM map in [0, 1]."""
+    def __call__(self, x13: np.ndarray, semantic: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """x13: (13, h, w) U-Net input; semantic: its target-feature inputs. Returns the (h, w) map in [0, 1]."""
         torch = self.torch
         store: dict = {}
         hook = self.net.bottleneck.register_forward_hook(lambda m, i, o: store.update(act=o))
+        prior = [torch.from_numpy(f.astype(np.float32)) for f in (semantic or {}).values()]
         try:
-            ab, _ = self.net(torch.from_numpy(x13[None].astype(np.float32)))
+            ab, _ = self.net(torch.from_numpy(x13[None].astype(np.float32)), *prior)
             act = store["act"]
             (grad,) = torch.autograd.grad(ab.pow(2).sum(dim=1).sqrt().mean(), act)
         finally:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,7 +23,7 @@ import sqlite_utils
 from PIL import Image
 
 from archivecolor.color import is_near_gray, normalise_l
-from archivecolor.errors import ArchivecolorError, CatalogError
+from archivecolor.errors import ArchivecolorError, CatalogError, ImageReadError
 from archivecolor.imageio import file_walk, read_image, to_upright
 from archivecolor.models.weights import sha256_file
 from archivecolor.upsample import resize_plane
@@ -32,6 +34,17 @@ EMBEDDING_KINDS = ("gem", "avg")  # GeM of the last layer (default) or the seed'
 DEFAULT_EMBEDDING = "gem"
 THUMB_SIZE = 128
 _EXIF_DATE = (0x9003, 0x0132)  # DateTimeOriginal (Exif IFD), DateTime
+
+
+def _shown(path: Path) -> str:
+    """A path as printable text (undecodable bytes as ``\\xNN``)."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+def _reason(path: Path, exc: Exception) -> str:
+    """A per-file failure as one line naming the file (library errors already name it)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if isinstance(exc, ArchivecolorError) else f"{_shown(path)}: {type(exc).__name__}: {text}"
 
 
 def default_catalog_path() -> Path:
@@ -144,23 +157,38 @@ class Catalog:
             conn = sqlite3.connect(path, timeout=30)
             db = sqlite_utils.Database(conn)
             db.execute("PRAGMA busy_timeout = 30000")
-            tables = set(db.table_names())
-            if tables and "meta" not in tables:
-                raise CatalogError(f"{path}: a SQLite file but not an archivecolor catalogue; pass another --catalog")
-            db.enable_wal()
-            version = cls._version(db)
-            if version > SCHEMA_VERSION:
-                raise CatalogError(f"{path}: schema version {version} is newer than this archivecolor ({SCHEMA_VERSION}); "
-                                   f"upgrade archivecolor")
-            for v in range(version + 1, SCHEMA_VERSION + 1):
-                with db.conn:
-                    MIGRATIONS[v](db)
-                    db["meta"].upsert({"key": "schema_version", "value": str(v)}, pk="key")
+            for attempt in range(60):  # two processes creating one catalogue: the loser waits for the winner
+                try:
+                    cls._prepare(db, path)
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or attempt == 59:
+                        raise
+                    time.sleep(0.5)
         except sqlite3.DatabaseError as exc:
             raise CatalogError(
                 f"{path}: not a readable catalogue ({exc}); move it aside and re-run `archivecolor index`"
             ) from exc
         return cls(path, db)
+
+    @classmethod
+    def _prepare(cls, db: sqlite_utils.Database, path: Path) -> None:
+        """Check that ``db`` is a catalogue, switch it to WAL and bring its schema up to date."""
+        tables = set(db.table_names())
+        if tables and "meta" not in tables:
+            raise CatalogError(f"{path}: a SQLite file but not an archivecolor catalogue; pass another --catalog")
+        if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            db.enable_wal()
+        version = cls._version(db)
+        if version > SCHEMA_VERSION:
+            raise CatalogError(f"{path}: schema version {version} is newer than this archivecolor ({SCHEMA_VERSION}); "
+                               f"upgrade archivecolor")
+        for v in range(version + 1, SCHEMA_VERSION + 1):
+            with db.conn:
+                if cls._version(db) >= v:  # another process migrated meanwhile
+                    continue
+                MIGRATIONS[v](db)
+                db["meta"].upsert({"key": "schema_version", "value": str(v)}, pk="key")
 
     @staticmethod
     def _version(db: sqlite_utils.Database) -> int:
@@ -217,8 +245,6 @@ class Catalog:
         progress: Callable[[int, int, str], None] | None = None,
     ) -> IndexReport:
         """Index the colour photos under ``ref_dir``. ``embed`` maps (B, 1, 224, 224) L/100 to (B, 512)."""
-        import time
-
         started = time.perf_counter()
         report = IndexReport()
         entries = list(file_walk(ref_dir))
@@ -242,48 +268,13 @@ class Catalog:
         for n, path in enumerate(images, 1):
             if progress:
                 progress(n, len(images), str(path))
-            resolved = str(path.resolve())
-            st = path.stat()
-            row = self.db.execute("select id, size, mtime, sha256 from photos where path = ?", [resolved]).fetchone()
-            if row and row[1] == st.st_size and row[2] == st.st_mtime:
-                report.unchanged += 1
-                if collection is not None or tags:  # re-labelling without re-embedding
-                    with self.db.conn:
-                        self.db["photos"].update(row[0], {"collection": collection, "tags": tag_text})
-                continue
-            digest = sha256_file(path)
-            if row is None:
-                moved = self._moved_from(digest)
-                if moved is not None:
-                    with self.db.conn:
-                        self.db["photos"].update(moved, {"path": resolved, "mtime": st.st_mtime, "size": st.st_size,
-                                                         "collection": collection, "tags": tag_text})
-                    report.moved += 1
-                    continue
             try:
-                scan = read_image(path)
-            except ArchivecolorError as exc:
-                report.failed.append((str(path), str(exc)))
+                self._index_one(path, collection, tags, tag_text, report, pending)
+            except (sqlite3.OperationalError, CatalogError):
+                raise  # the catalogue itself cannot be written: stop, keeping committed batches
+            except Exception as exc:  # one failure boundary per file
+                report.failed.append((_shown(path), _reason(path, exc)))
                 continue
-            record = {
-                "path": resolved, "sha256": digest, "size": st.st_size, "mtime": st.st_mtime,
-                "width": scan.width, "height": scan.height, "date_taken": _date_taken(scan.exif),
-                "collection": collection, "tags": tag_text, "indexed_at": datetime.now(UTC).isoformat(),
-                "thumbnail": _thumbnail(to_upright(scan.pixels, scan.orientation)),
-            }
-            if row is not None:
-                record["id"] = row[0]
-            colour = scan.pixels.ndim == 3 and not is_near_gray(scan.pixels)
-            record["is_colour"] = int(colour)
-            if not colour:
-                report.refused_gray += 1
-                record["embedding"] = None
-                with self.db.conn:
-                    self._save(record)
-                continue
-            report.updated += row is not None
-            report.added += row is None
-            pending.append((record, centre_square(to_upright(scan.lightness(), scan.orientation))))
             if len(pending) >= batch_size:
                 flush()
         flush()
@@ -292,7 +283,56 @@ class Catalog:
         report.seconds = time.perf_counter() - started
         return report
 
+    def _index_one(self, path: Path, collection: str | None, tags: list[str] | None, tag_text: str,
+                   report: IndexReport, pending: list[tuple[dict, np.ndarray]]) -> None:
+        """Record one photo, or queue it for embedding in ``pending``."""
+        resolved = str(path.resolve())
+        if resolved != os.fsencode(resolved).decode("utf-8", "replace"):
+            raise ImageReadError(f"{_shown(path)}: the file name is not valid UTF-8; rename the file to index it")
+        st = path.stat()
+        row = self.db.execute("select id, size, mtime, sha256 from photos where path = ?", [resolved]).fetchone()
+        if row and row[1] == st.st_size and row[2] == st.st_mtime:
+            report.unchanged += 1
+            if collection is not None or tags:  # re-labelling without re-embedding
+                with self.db.conn:
+                    self.db["photos"].update(row[0], {"collection": collection, "tags": tag_text})
+            return
+        digest = sha256_file(path)
+        if row is None:
+            moved = self._moved_from(digest)
+            if moved is not None:
+                with self.db.conn:
+                    self.db["photos"].update(moved, {"path": resolved, "mtime": st.st_mtime, "size": st.st_size,
+                                                     "collection": collection, "tags": tag_text})
+                report.moved += 1
+                return
+        scan = read_image(path)
+        record = {
+            "path": resolved, "sha256": digest, "size": st.st_size, "mtime": st.st_mtime,
+            "width": scan.width, "height": scan.height, "date_taken": _date_taken(scan.exif),
+            "collection": collection, "tags": tag_text, "indexed_at": datetime.now(UTC).isoformat(),
+            "thumbnail": _thumbnail(to_upright(scan.pixels, scan.orientation)),
+        }
+        if row is not None:
+            record["id"] = row[0]
+        colour = scan.pixels.ndim == 3 and not is_near_gray(scan.pixels)
+        record["is_colour"] = int(colour)
+        if not colour:
+            report.refused_gray += 1
+            record["embedding"] = None
+            with self.db.conn:
+                self._save(record)
+            return
+        report.updated += row is not None
+        report.added += row is None
+        pending.append((record, centre_square(to_upright(scan.lightness(), scan.orientation))))
+
     def _save(self, record: dict) -> None:
+        if "id" not in record:
+            # Another indexer may have added this path since we looked: update its row instead.
+            existing = self.db.execute("select id from photos where path = ?", [record["path"]]).fetchone()
+            if existing is not None:
+                record = {**record, "id": existing[0]}
         if "id" in record:
             self.db["photos"].upsert(record, pk="id")
         else:

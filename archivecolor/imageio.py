@@ -393,6 +393,10 @@ def output_icc(icc: bytes | None) -> tuple[bytes, str | None]:
     """The profile to embed in an RGB output, and a warning when the source's could not be kept."""
     space = icc_colour_space(icc)
     if icc and space == "RGB":
+        try:
+            ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        except (OSError, ValueError, TypeError, ImageCms.PyCMSError):
+            return srgb_profile(), "source ICC profile is corrupt; sRGB embedded instead"
         return icc, None
     if icc:
         return srgb_profile(), f"source ICC profile ({space}) cannot describe RGB output; sRGB embedded instead"

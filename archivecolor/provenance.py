@@ -42,8 +42,18 @@ def document_id(source_sha256: str, params_key: str) -> str:
     return f"xmp.did:{uuid.uuid5(uuid.NAMESPACE_URL, f'archivecolor:{source_sha256}:{params_key}')}"
 
 
-def build_xmp(source_rel: str, source_sha256: str, params_key: str, references: list[dict], when: str) -> bytes:
-    """An XMP packet marking the file as an AI-colorized derivative of its source."""
+def instance_id(source_sha256: str, params_key: str) -> str:
+    """Derived from content, like the document id: the same source, models, parameters and references
+    give a byte-identical output, so a re-run can be checked against the first by hash."""
+    return f"xmp.iid:{uuid.uuid5(uuid.NAMESPACE_URL, f'archivecolor-instance:{source_sha256}:{params_key}')}"
+
+
+def build_xmp(source_rel: str, source_sha256: str, params_key: str, references: list[dict]) -> bytes:
+    """An XMP packet marking the file as an AI-colorized derivative of its source.
+
+    It carries no wall-clock time (the JSON sidecar records when), so that outputs are reproducible
+    byte for byte; ``params_key`` must identify the models, parameters and references.
+    """
     agent = f"archivecolor {__version__}"
     refs = ", ".join(Path(r["path"]).name for r in references)
     params = escape(f"exemplar colorization; references: {refs}")
@@ -62,9 +72,8 @@ def build_xmp(source_rel: str, source_sha256: str, params_key: str, references: 
     Iptc4xmpExt:AISystemUsed="archivecolor exemplar-based colorization"
     Iptc4xmpExt:AISystemVersionUsed="{__version__}"
     xmp:CreatorTool="{agent}"
-    xmp:ModifyDate="{when}"
     xmpMM:DocumentID="{document_id(source_sha256, params_key)}"
-    xmpMM:InstanceID="xmp.iid:{uuid.uuid4()}"
+    xmpMM:InstanceID="{instance_id(source_sha256, params_key)}"
     xmpMM:OriginalDocumentID="sha256:{source_sha256}">
    <xmpMM:DerivedFrom rdf:parseType="Resource">
     <stRef:documentID>sha256:{source_sha256}</stRef:documentID>
@@ -75,7 +84,6 @@ def build_xmp(source_rel: str, source_sha256: str, params_key: str, references: 
      <rdf:li rdf:parseType="Resource">
       <stEvt:action>derived</stEvt:action>
       <stEvt:softwareAgent>{agent}</stEvt:softwareAgent>
-      <stEvt:when>{when}</stEvt:when>
       <stEvt:parameters>{params}</stEvt:parameters>
      </rdf:li>
     </rdf:Seq>

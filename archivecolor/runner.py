@@ -484,8 +484,7 @@ def write_outputs(ctx: RunContext, job: _Job, prediction: Prediction, loaded: li
                             f"file as read; re-run `archivecolor index` to update the catalogue")
         refs.append(dict(chosen, sha256=ref.sha256 or chosen["sha256"], share=round(float((prediction.chosen == k).mean()), 4),
                          match=round(prediction.similarity[k], 4)))
-    when = utc_now()
-    xmp = build_xmp(job.name, job.sha256, job.file_key, refs, when)
+    xmp = build_xmp(job.name, job.sha256, job.file_key, refs)
     embed_xmp = fmt in _XMP_FORMATS
     if not embed_xmp:
         warnings.append(f"{fmt} cannot carry XMP; provenance is in the JSON sidecar only")

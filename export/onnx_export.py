@@ -19,7 +19,7 @@ from onnx import numpy_helper
 from archivecolor.models.registry import ASSET_DIR, WEIGHT_MARK
 from archivecolor.models.weights import sha256_bytes
 from archivecolor.nets.correspondence import Correspondence
-from archivecolor.nets.unet import ColorUNet
+from archivecolor.nets.unet import SEMANTIC_FEATURES, ColorUNet
 from archivecolor.nets.vgg import FEATURE_CHANNELS, VGGFeatures
 
 OPSET = 17
@@ -55,8 +55,16 @@ def export_correspondence() -> onnx.ModelProto:
 
 
 def export_unet(unet: ColorUNet) -> onnx.ModelProto:
+    """Inputs ``x13`` and, for a U-Net with the semantic prior, the target features ``tf3``..``tf5``."""
     axes = {n: {0: "batch", 2: "height", 3: "width"} for n in ("x13", "ab", "trust")}
-    return _to_model(unet.eval(), (torch.rand(1, 13, 64, 96),), ["x13"], ["ab", "trust"], axes)
+    args = [torch.rand(1, 13, 64, 96)]
+    inputs = ["x13"]
+    if unet.semantic:
+        for name, channels, stride in SEMANTIC_FEATURES:
+            args.append(torch.rand(1, channels, 64 // stride, 96 // stride))
+            inputs.append(name)
+            axes[name] = {0: "batch", 2: f"{name}_height", 3: f"{name}_width"}
+    return _to_model(unet.eval(), tuple(args), inputs, ["ab", "trust"], axes)
 
 
 def strip_weights(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
@@ -104,7 +112,10 @@ def export_all(unet_checkpoint: Path | None, asset_dir: Path = ASSET_DIR) -> dic
     """Export every graph into ``asset_dir`` and write its ``registry.json``."""
     registry_path = asset_dir / "registry.json"
     registry = json.loads(registry_path.read_text()) if registry_path.exists() else {"models": {}}
-    for backbone in ("vgg16", "vgg19"):
+    # VGG-16 only: the U-Net reads VGG-16 features (and no offline VGG-19 weights exist to train one).
+    registry["models"].pop("vgg19_features", None)
+    (asset_dir / "vgg19_features.onnx").unlink(missing_ok=True)
+    for backbone in ("vgg16",):
         vgg = VGGFeatures(backbone)
         with torch.no_grad():  # distinct values, so the exporter cannot merge equal initializers
             for p in vgg.parameters():
@@ -114,12 +125,13 @@ def export_all(unet_checkpoint: Path | None, asset_dir: Path = ASSET_DIR) -> dic
             model, f"{backbone}_features", "features", asset_dir, {"backbone": backbone, "template": True})
     registry["models"]["correspondence"] = write_asset(export_correspondence(), "correspondence", "correspondence", asset_dir)
     if unet_checkpoint is not None:
-        ckpt = torch.load(unet_checkpoint, map_location="cpu", weights_only=False)
-        unet = ColorUNet(width=ckpt["config"]["width"])
+        ckpt = torch.load(unet_checkpoint, map_location="cpu", weights_only=True)
+        semantic = ckpt["config"].get("semantic", False)
+        unet = ColorUNet(width=ckpt["config"]["width"], semantic=semantic)
         unet.load_state_dict(ckpt["model"], strict=True)
         model = to_float16_storage(export_unet(unet))
         info = {"width": ckpt["config"]["width"], "epochs": ckpt["epoch"], "config": ckpt["config"]["name"],
-                "backbone": ckpt.get("backbone", "vgg16"), "float16_storage": True}
+                "backbone": ckpt.get("backbone", "vgg16"), "float16_storage": True, "semantic": semantic}
         registry["models"]["unet"] = write_asset(model, "unet", "colorizer", asset_dir, info)
     registry_path.write_text(json.dumps(registry, indent=2, sort_keys=True) + "\n")
     return registry

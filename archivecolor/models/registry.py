@@ -11,7 +11,6 @@ from archivecolor.errors import ModelNotFound
 ASSET_DIR = Path(__file__).parent / "assets"
 WEIGHT_MARK = "archivecolor:weight"  # initializers a template leaves empty for the weight filler
 FLOAT16_MARK = "archivecolor:fp16"  # initializers stored as float16, widened on install
-BACKBONES = ("vgg16", "vgg19")
 DEFAULT_BACKBONE = "vgg16"
 
 

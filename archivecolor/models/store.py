@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from archivecolor.errors import ChecksumMismatch, ModelNotFound
+from archivecolor.errors import ChecksumMismatch, ModelNotFound, UsageError
 from archivecolor.imageio import atomic_write_bytes
 from archivecolor.models.registry import (
     DEFAULT_BACKBONE,
@@ -131,6 +131,9 @@ def pull(
     """
     say = progress or (lambda message: None)
     registry = load_registry()
+    if features_name(backbone) not in registry:
+        raise UsageError(f"backbone {backbone!r}: this archivecolor's U-Net is trained on "
+                         f"{', '.join(n.removesuffix('_features') for n in registry if n.endswith('_features'))} features only")
     manifest = {} if force else read_manifest(home)
     done: list[tuple[InstalledModel, bool]] = []
     home_dir = home or archivecolor_home()

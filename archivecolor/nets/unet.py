@@ -1,32 +1,50 @@
-"""The colorization U-Net: 13 input channels (L, warped ab, 10 similarity maps) to ab."""
+"""The colorization U-Net: L, warped ab and 10 similarity maps, plus the target's own VGG features, to ab."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+# The target's VGG features that the U-Net reads as a semantic prior: (name, channels, stride).
+SEMANTIC_FEATURES = (("tf3", 256, 4), ("tf4", 512, 8), ("tf5", 512, 16))
+
 
 def _block(cin: int, cout: int) -> nn.Sequential:
+    # Reflect padding: zero padding reads as a dark frame and leaves coloured fringes along the borders.
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cin, cout, 3, padding=1, padding_mode="reflect", bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, padding_mode="reflect", bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
     )
+
+
+def _projection(cin: int, cout: int) -> nn.Sequential:
+    # The BN after the 1x1 convolution brings VGG's wide-ranging activations to the encoder's scale,
+    # and folds into the convolution on export like every other BN here.
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class ColorUNet(nn.Module):
     """Encoder 13→w→2w→4w→8w (w=64 by default) with four downsamplings and a symmetric decoder.
 
-    Input: (B, 13, H, W) float32 with H, W multiples of 16.
+    Inputs: ``x13`` (B, 13, H, W) float32 with H, W multiples of 16; with ``semantic`` (the default),
+    also the target's VGG activations relu3_3 (B, 256, H/4, W/4), relu4_3 (B, 512, H/8, W/8) and
+    relu5_3 (B, 512, H/16, W/16), projected by 1×1 convolutions and added to the encoder at the
+    matching scales, so the network knows what an object is where the reference does not match.
     Outputs: ab (B, 2, H, W), ab/128 in (-1, 1), and trust (B, 1, H, W) in (0, 1).
     The head predicts its own colour and a per-pixel trust in the warped reference colour, and
     blends the two: the network learns where the reference can be believed.
     """
 
-    def __init__(self, in_channels: int = 13, width: int = 64) -> None:
+    def __init__(self, in_channels: int = 13, width: int = 64, semantic: bool = True) -> None:
         super().__init__()
         w = width
         chans = (w, 2 * w, 4 * w, 8 * w)
         self.width = width
+        self.semantic = semantic
+        if semantic:
+            # Registered first because forward() runs them first: module order is graph order (Grad-CAM relies on it).
+            # Added to encoder level 2 (stride 4), level 3 (stride 8) and the bottleneck input (stride 16).
+            self.proj = nn.ModuleList(_projection(c, out) for (_, c, _), out in zip(SEMANTIC_FEATURES, chans[2:] + chans[3:]))
         self.enc = nn.ModuleList()
         cin = in_channels
         for c in chans:
@@ -43,13 +61,20 @@ class ColorUNet(nn.Module):
             cin = c
         self.head = nn.Conv2d(chans[0], 3, 1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, *semantic: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.semantic and len(semantic) != len(SEMANTIC_FEATURES):
+            raise ValueError(f"this U-Net needs the target features {[n for n, _, _ in SEMANTIC_FEATURES]}")
+        prior = [proj(f) for proj, f in zip(self.proj, semantic)] if self.semantic else []
         skips = []
         h = x
-        for block in self.enc:
+        for level, block in enumerate(self.enc):
             h = block(h)
+            if prior and level >= 2:
+                h = h + prior[level - 2]
             skips.append(h)
             h = self.pool(h)
+        if prior:
+            h = h + prior[2]
         h = self.bottleneck(h)
         for up, block, skip in zip(self.up, self.dec, reversed(skips)):
             h = block(torch.cat([up(h), skip], dim=1))

@@ -14,7 +14,7 @@ MATCH_LAYERS = {
     "vgg16": ("conv1_2", "conv2_2", "conv3_3", "conv4_3", "conv5_3"),
     "vgg19": ("conv1_2", "conv2_2", "conv3_4", "conv4_4", "conv5_4"),
 }
-CONV4_2_TAP = {"vgg16": 20, "vgg19": 20}
+CONV4_2_TAP = {"vgg16": 20, "vgg19": 22}  # the ReLU after conv4_2
 FEATURE_CHANNELS = (64, 128, 256, 512, 512)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
