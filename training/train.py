@@ -1,4 +1,9 @@
-"""The training loop: AdamW on L2 + perceptual loss, checkpointed every epoch, resumable."""
+"""The training loop: AdamW on a robust ab loss + perceptual loss + a colourfulness hinge; checkpointed, resumable.
+
+Plain L2 on ab rewards the mean of the plausible colours, which is gray: the textbook cause of muted
+output. Smooth-L1 rewards the median instead, and a one-sided hinge on each image's mean chroma
+penalises only a prediction that is duller than the truth.
+"""
 
 from __future__ import annotations
 
@@ -20,13 +25,29 @@ from training.colorspace import lab_to_rgb
 from training.config import TrainConfig
 from training.data import PairCache, build_pairs, list_photos, split
 
-PERCEPTUAL_LAYERS = 9  # VGG up to relu2_2: cheap enough for CPU training
+SMOOTH_L1_BETA = 0.04  # in ab/128 units (about 5 ab units): L2 below, L1 above
+
+
+def chroma(ab: torch.Tensor) -> torch.Tensor:
+    """Per-pixel chroma (B, 1, H, W) of ab/128 (B, 2, H, W)."""
+    return ab.pow(2).sum(dim=1, keepdim=True).add(1e-8).sqrt()
+
+
+def colourfulness_hinge(ab_pred: torch.Tensor, ab_true: torch.Tensor) -> torch.Tensor:
+    """How much duller than the truth the prediction is, per image mean chroma; zero when as vivid or more."""
+    shortfall = chroma(ab_true).mean(dim=(1, 2, 3)) - chroma(ab_pred).mean(dim=(1, 2, 3))
+    return F.relu(shortfall).mean()
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """A training checkpoint, read without running any code from the file (tensors and plain data only)."""
+    return torch.load(path, map_location=device, weights_only=True)
 
 
 def psnr_rgb(l01: torch.Tensor, ab_pred: torch.Tensor, ab_true: torch.Tensor) -> torch.Tensor:
@@ -39,7 +60,7 @@ def psnr_rgb(l01: torch.Tensor, ab_pred: torch.Tensor, ab_true: torch.Tensor) ->
 
 class Trainer:
     def __init__(self, config: TrainConfig, data_root: Path, out: Path, device: str = "auto",
-                 weights: Path | None = None, console: Console | None = None) -> None:
+                 weights: Path | None = None, console: Console | None = None, pairs_dir: Path | None = None) -> None:
         self.config = config
         self.out = out
         self.console = console or Console()
@@ -50,17 +71,17 @@ class Trainer:
         self.vgg = VGGFeatures("vgg16")
         self.vgg.load_numpy(state)
         self.vgg.eval().to(self.device)
-        self.perceptual = self.vgg.features[:PERCEPTUAL_LAYERS]
+        self.perceptual = self.vgg.features[: config.perceptual_layers]
         photos = list_photos(data_root)
         if not photos:
             raise SystemExit(f"no training photos under {data_root}; pass --data pointing at shared/data")
         _, val_photos = split(photos, config.validation_every)
-        self.pairs = self._pairs(photos, set(val_photos), out / f"pairs-{config.size}")
+        self.pairs = self._pairs(photos, set(val_photos), pairs_dir or out / f"pairs-{config.size}")
         per = 1 + config.retrieved_per_photo
         photo_split = [self.pairs.meta[i * per]["split"] for i in range(len(self.pairs.meta) // per)]
         self.train_photos = [i for i, s in enumerate(photo_split) if s == "train"]
         self.val_rows = [i * per + k for i, s in enumerate(photo_split) if s == "val" for k in range(1, per)]
-        self.model = ColorUNet(width=config.width).to(self.device)
+        self.model = ColorUNet(width=config.width, semantic=config.semantic).to(self.device)
         self.optimiser = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.epoch = 0
         self.history: list[dict] = []
@@ -81,7 +102,8 @@ class Trainer:
             "model": self.model.state_dict(), "optimiser": self.optimiser.state_dict(), "epoch": self.epoch,
             "config": self.config.as_dict(), "history": self.history, "backbone": "vgg16",
             "weight_source": self.weight_source.__dict__,
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+            "rng": {"python": list(random.getstate()[1]), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+                    "numpy_pos": int(np.random.get_state()[2]), "torch": torch.get_rng_state()},
         }
         tmp = self.out / "last.pt.tmp"
         torch.save(ckpt, tmp)
@@ -92,35 +114,46 @@ class Trainer:
         path = self.out / "last.pt"
         if not path.exists():
             return False
-        ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        ckpt = load_checkpoint(path, self.device)
         self.model.load_state_dict(ckpt["model"])
         self.optimiser.load_state_dict(ckpt["optimiser"])
         self.epoch = ckpt["epoch"]
         self.history = ckpt["history"]
-        random.setstate(ckpt["rng"]["python"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        rng = ckpt["rng"]
+        random.setstate((3, tuple(rng["python"]), None))
+        np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), rng["numpy_pos"], 0, 0.0))
+        torch.set_rng_state(rng["torch"].cpu())
         return True
 
     # --- steps ---------------------------------------------------------------------------------
-    def _batch(self, cache: PairCache, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(self, cache: PairCache, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """The 13-channel inputs, the true ab and the target features (for the semantic prior) of ``rows``."""
         rows = sorted(rows)
-        x = torch.from_numpy(np.asarray(cache.x[rows], dtype=np.float32)).to(self.device)
-        ab = torch.from_numpy(np.asarray(cache.ab[rows], dtype=np.float32)).to(self.device)
-        return x, ab
+
+        def tensor(array: np.ndarray, index: list[int]) -> torch.Tensor:
+            return torch.from_numpy(np.asarray(array[index], dtype=np.float32)).to(self.device)
+
+        photos = [cache.photo_of(r) for r in rows]
+        semantic = [tensor(a, photos) for a in cache.semantic.values()] if self.config.semantic else []
+        return tensor(cache.x, rows), tensor(cache.ab, rows), semantic
 
     def _features(self, rgb: torch.Tensor) -> torch.Tensor:
         return self.perceptual((rgb - self.vgg.mean) / self.vgg.std)
 
-    def loss(self, x: torch.Tensor, ab_true: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ab_pred, _ = self.model(x)
-        l2 = F.mse_loss(ab_pred, ab_true)
+    def loss(self, x: torch.Tensor, ab_true: torch.Tensor, semantic: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        ab_pred, _ = self.model(x, *semantic)
+        cfg = self.config
+        if cfg.pixel_loss == "smooth_l1":
+            pixel = F.smooth_l1_loss(ab_pred, ab_true, beta=SMOOTH_L1_BETA)
+        else:
+            pixel = F.mse_loss(ab_pred, ab_true)
         l01 = x[:, :1]
         with torch.no_grad():
             target = F.normalize(self._features(lab_to_rgb(l01, ab_true)), dim=1)
         pred = F.normalize(self._features(lab_to_rgb(l01, ab_pred)), dim=1)
         perceptual = F.mse_loss(pred, target)
-        return l2 + self.config.perceptual_weight * perceptual, ab_pred
+        total = pixel + cfg.perceptual_weight * perceptual + cfg.colourfulness_weight * colourfulness_hinge(ab_pred, ab_true)
+        return total, ab_pred
 
     def epoch_rows(self) -> list[int]:
         """One pair per photo: its self reference at the configured rate, else a retrieved one."""
@@ -136,21 +169,25 @@ class Trainer:
     def validate(self) -> dict:
         self.model.eval()
         rows = self.val_rows  # retrieved references only: the realistic case
-        model_psnr, gray_psnr, warp_psnr, losses = [], [], [], []
+        model_psnr, gray_psnr, warp_psnr, losses, pred_chroma, true_chroma = [], [], [], [], [], []
         for start in range(0, len(rows), 16):
-            x, ab = self._batch(self.pairs, rows[start : start + 16])
-            loss, pred = self.loss(x, ab)
+            x, ab, semantic = self._batch(self.pairs, rows[start : start + 16])
+            loss, pred = self.loss(x, ab, semantic)
             losses.append(loss.item() * len(x))
             l01 = x[:, :1]
             model_psnr.append(psnr_rgb(l01, pred, ab))
             gray_psnr.append(psnr_rgb(l01, torch.zeros_like(ab), ab))
             warp_psnr.append(psnr_rgb(l01, x[:, 1:3], ab))
+            pred_chroma.append(chroma(pred).mean(dim=(1, 2, 3)))
+            true_chroma.append(chroma(ab).mean(dim=(1, 2, 3)))
         self.model.train()
         return {
             "val_loss": sum(losses) / len(rows),
             "val_psnr": torch.cat(model_psnr).mean().item(),
             "val_psnr_gray": torch.cat(gray_psnr).mean().item(),
             "val_psnr_warp": torch.cat(warp_psnr).mean().item(),
+            # Mean chroma of the prediction over the truth's: 1.0 is as vivid as the photos.
+            "val_chroma_ratio": (torch.cat(pred_chroma).mean() / torch.cat(true_chroma).mean()).item(),
         }
 
     def fit(self, epochs: int | None = None) -> list[dict]:
@@ -165,10 +202,10 @@ class Trainer:
                 steps = 0
                 sub = bar.add_task(f"epoch {self.epoch + 1}", total=len(rows) // self.config.batch_size)
                 for start in range(0, len(rows) - self.config.batch_size + 1, self.config.batch_size):
-                    x, ab = self._batch(self.pairs, rows[start : start + self.config.batch_size])
+                    x, ab, semantic = self._batch(self.pairs, rows[start : start + self.config.batch_size])
                     if random.random() < 0.5:
-                        x, ab = x.flip(-1), ab.flip(-1)
-                    loss, _ = self.loss(x, ab)
+                        x, ab, semantic = x.flip(-1), ab.flip(-1), [f.flip(-1) for f in semantic]
+                    loss, _ = self.loss(x, ab, semantic)
                     self.optimiser.zero_grad(set_to_none=True)
                     loss.backward()
                     self.optimiser.step()
@@ -183,7 +220,8 @@ class Trainer:
                 self.save()
                 self.console.print(
                     f"epoch {record['epoch']}: loss {record['train_loss']:.4f} val PSNR {record['val_psnr']:.2f} dB "
-                    f"(gray {record['val_psnr_gray']:.2f}, warp {record['val_psnr_warp']:.2f}) {record['seconds']} s"
+                    f"(gray {record['val_psnr_gray']:.2f}, warp {record['val_psnr_warp']:.2f}) "
+                    f"chroma {record['val_chroma_ratio']:.2f} of the truth's, {record['seconds']} s"
                 )
                 bar.update(task, completed=self.epoch)
         return self.history
