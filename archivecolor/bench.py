@@ -274,7 +274,11 @@ def run_bench(
             t = time.perf_counter()
             sample.outputs["exemplar"] = recombine(sample.l, pred.ab, pred.l)
             stage["recombine"] += time.perf_counter() - t
-            sample.outputs["warp-only"] = _rgb(sample.l, pred.x13[1:3].transpose(1, 2, 0) * 128)
+            if "warp-only" in options.methods:  # the warp is at working size: bring its ab to the sample's
+                warp_ab = pred.x13[1:3].transpose(1, 2, 0) * 128
+                if warp_ab.shape[:2] != (h, w):
+                    warp_ab = np.dstack([resize_plane(warp_ab[..., c], h, w) for c in range(2)])
+                sample.outputs["warp-only"] = _rgb(sample.l, warp_ab)
         if "top-k" in options.methods and len(refs) > 1:
             pred = predict(models, l01, [refs], times)[0]
             sample.outputs["top-k"] = recombine(sample.l, pred.ab, pred.l)
@@ -311,8 +315,11 @@ def run_bench(
 def _report(samples, scores, options, models, elapsed, times, stage, cache, catalog_path, testsets) -> dict:
     methods = {m: {k: mean_ci(v) | {"values": [round(x, 6) for x in v]} for k, v in scores[m].items()}
                for m in options.methods}
+    truth = mean_ci([colorfulness(s.gt) for s in samples])["mean"] if samples else None
     for m in methods:
         methods[m]["n"] = len(scores[m]["psnr"])
+        mine = methods[m]["colorfulness"]["mean"]
+        methods[m]["colorfulness_of_truth"] = round(mine / truth, 4) if truth and mine is not None else None
     tests = {}
     if "exemplar" in options.methods:
         for m in options.methods:
@@ -328,6 +335,7 @@ def _report(samples, scores, options, models, elapsed, times, stage, cache, cata
         "schema_version": 1,
         "protocol": {"size": options.size or "native", "testsets": [str(t) for t in testsets],
                      "catalog": str(catalog_path), "reference_excludes_self": True, "lpips_net": options.lpips_net},
+        "ground_truth": {"colorfulness": truth},
         "methods": methods,
         "paired_t_tests": tests,
         "groups": groups,
@@ -348,15 +356,20 @@ def _report(samples, scores, options, models, elapsed, times, stage, cache, cata
 
 def markdown(report: dict) -> str:
     lines = [f"# archivecolor benchmark ({report['protocol']['size']})", ""]
-    lines.append("| method | n | PSNR (dB) | SSIM | MSE | LPIPS | colourfulness |")
-    lines.append("|---|---|---|---|---|---|---|")
+    lines.append("| method | n | PSNR (dB) | SSIM | MSE | LPIPS | colourfulness | of the truth's |")
+    lines.append("|---|---|---|---|---|---|---|---|")
     for name, m in report["methods"].items():
         cells = []
         for k in METRICS:
             v = m[k]
             cells.append("–" if v["mean"] is None else
                          f"{v['mean']:.4f} ± {(v['ci95'][1] - v['ci95'][0]) / 2:.4f}")
+        share = m.get("colorfulness_of_truth")
+        cells.append("–" if share is None else f"{share:.0%}")
         lines.append(f"| {name} | {m['n']} | " + " | ".join(cells) + " |")
+    truth = report.get("ground_truth", {}).get("colorfulness")
+    if truth is not None:
+        lines += ["", f"Ground truth colourfulness: {truth:.2f}."]
     if report["paired_t_tests"]:
         lines += ["", "Paired t-tests (exemplar − other; p-values):", "",
                   "| comparison | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]

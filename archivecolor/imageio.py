@@ -24,7 +24,7 @@ from archivecolor.color import gray_to_l, is_near_gray, rgb_to_lab
 from archivecolor.errors import ImageReadError, ImageTooLarge, ImageWriteError
 
 DEFAULT_MAX_PIXELS = 400_000_000
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
 JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
 FORMAT_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "TIFF": ".tif", "BMP": ".bmp", "WEBP": ".webp"}
 _TIFF_ICC, _TIFF_XMP, _TIFF_ORIENTATION = 34675, 700, 274
@@ -105,6 +105,8 @@ def _read_tiff(path: Path, max_pixels: int) -> Scan:
         page = tif.pages[0]
         _check_pixels(path, page.imagewidth, page.imagelength, max_pixels)
         data = page.asarray()
+        if int(page.planarconfig) == 2 and data.ndim == 3 and data.shape[0] == page.samplesperpixel:
+            data = np.moveaxis(data, 0, -1)  # planar (RRR…GGG…BBB…) to interleaved
         tags = page.tags
         icc = bytes(tags[_TIFF_ICC].value) if _TIFF_ICC in tags else None
         orientation = int(tags[_TIFF_ORIENTATION].value) if _TIFF_ORIENTATION in tags else 1
@@ -235,6 +237,9 @@ def read_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Scan:
         raise ImageReadError(f"{path}: cannot decode ({type(exc).__name__}: {exc}); re-export or re-scan it") from exc
     if scan.pixels.ndim == 3 and is_near_gray(scan.pixels):
         scan.warnings.append("input was RGB-toned (sepia or tinted), treated as gray")
+    if not 1 <= scan.orientation <= 8:
+        scan.warnings.append(f"EXIF orientation {scan.orientation} is not a valid value (1-8); treated as 1 (upright)")
+        scan.orientation = 1
     return scan
 
 
@@ -420,7 +425,7 @@ def _png_with_metadata(encoded: bytes, icc: bytes | None, exif: bytes | None, xm
     return encoded[:ihdr_end] + chunks + encoded[ihdr_end:]
 
 
-def write_image(
+def encode_image(
     path: Path,
     rgb: np.ndarray,
     fmt: str,
@@ -431,8 +436,8 @@ def write_image(
     xmp: bytes | None = None,
     orientation: int = 1,
     jpeg_quality: int = 95,
-) -> None:
-    """Write ``rgb`` (H, W, 3) uint8 or uint16 atomically as ``fmt`` with the given metadata.
+) -> bytes:
+    """Encode ``rgb`` (H, W, 3) uint8 or uint16 as ``fmt`` with the given metadata; ``path`` names it in errors.
 
     JPEG, BMP and WebP are 8-bit: 16-bit data is reduced for them. PNG and TIFF keep 16 bits.
     """
@@ -448,7 +453,7 @@ def write_image(
     else:
         pixels = rgb
 
-    buffer = io.BytesIO()  # encoded in memory, so that the file write can be checked byte for byte
+    buffer = io.BytesIO()
     try:
         if fmt == "TIFF":
             import tifffile
@@ -476,11 +481,24 @@ def write_image(
             im.save(buffer, format=fmt, **options)
         else:
             raise ImageWriteError(f"{path}: cannot write format {fmt!r}; use tiff, png or jpeg")
-        atomic_write_bytes(path, buffer.getvalue())
     except ImageWriteError:
         raise
+    except (OSError, ValueError) as exc:
+        raise ImageWriteError(f"{path}: cannot encode as {fmt} ({exc})") from exc
+    return buffer.getvalue()
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """``atomic_write_bytes`` with a one-line error that names the file and the fix."""
+    try:
+        atomic_write_bytes(path, data)
     except OSError as exc:
         raise ImageWriteError(f"{path}: cannot write ({exc}); check free space and permissions") from exc
+
+
+def write_image(path: Path, rgb: np.ndarray, fmt: str, **metadata) -> None:
+    """Encode (see ``encode_image``) in memory, then write atomically with every byte checked."""
+    write_file(path, encode_image(path, rgb, fmt, **metadata))
 
 
 def read_embedded_xmp(path: Path) -> bytes | None:

@@ -37,15 +37,15 @@ from archivecolor.imageio import (
     DEFAULT_MAX_PIXELS,
     FORMAT_SUFFIX,
     Scan,
-    atomic_write_bytes,
+    encode_image,
     file_walk,
     is_temp_file,
     output_icc,
     read_image,
     to_upright,
-    write_image,
+    write_file,
 )
-from archivecolor.models.weights import sha256_file
+from archivecolor.models.weights import sha256_bytes, sha256_file
 from archivecolor.pipeline import (
     DEFAULT_WORKING_SIZE,
     Models,
@@ -388,7 +388,7 @@ def written_by_us(out_path: Path, output_rel: Path, ledger_row: dict | None) -> 
     except (OSError, ValueError):
         return False
     return isinstance(doc, dict) and doc.get("schema") == SIDECAR_SCHEMA and \
-        isinstance(doc.get("output"), dict) and doc["output"].get("path") == display_path(output_rel)
+        isinstance(doc.get("output"), dict) and doc["output"].get("path") == output_rel.as_posix()
 
 
 @dataclass
@@ -492,32 +492,37 @@ def write_outputs(ctx: RunContext, job: _Job, prediction: Prediction, loaded: li
         warnings.append(f"the source's EXIF block is not written into {fmt} output (orientation is kept)")
     out_path = ctx.out_dir / job.output_rel
     bit_depth = 16 if rgb.dtype == np.uint16 and fmt in ("PNG", "TIFF") else 8
-    write_image(out_path, rgb, fmt, alpha=scan.alpha, icc=icc, exif=scan.exif,
-                xmp=xmp if embed_xmp else None, orientation=scan.orientation)
+    data = encode_image(out_path, rgb, fmt, alpha=scan.alpha, icc=icc, exif=scan.exif,
+                        xmp=xmp if embed_xmp else None, orientation=scan.orientation)
+    encode_s = time.perf_counter() - t
+    out_sha = sha256_bytes(data)
+    # The records go first and the image last: a run killed in between leaves a sidecar without its
+    # output, which the next run recognises as its own and redoes, never an output nobody accounts for.
+    records = _write_records(ctx, job, out_path, fmt, bit_depth, out_sha, xmp, embed_xmp, refs, warnings, encode_s)
     try:
-        return _write_records(ctx, job, out_path, fmt, bit_depth, xmp, embed_xmp, refs, warnings, time.perf_counter() - t)
+        write_file(out_path, data)
     except BaseException:
-        # An output without its sidecar would be unaccounted for: take it back, so a re-run simply redoes it.
-        for path in (out_path, xmp_sidecar_path(out_path)):
+        for path in (sidecar_path(out_path), xmp_sidecar_path(out_path)):
             path.unlink(missing_ok=True)
         raise
+    return records
 
 
-def _write_records(ctx: RunContext, job: _Job, out_path: Path, fmt: str, bit_depth: int, xmp: bytes, embed_xmp: bool,
-                   refs: list[dict], warnings: list[str], encode_s: float) -> _Written:
-    """The XMP sidecar (when asked for) and the JSON sidecar of a written output."""
+def _write_records(ctx: RunContext, job: _Job, out_path: Path, fmt: str, bit_depth: int, out_sha: str, xmp: bytes,
+                   embed_xmp: bool, refs: list[dict], warnings: list[str], encode_s: float) -> _Written:
+    """The XMP sidecar (when asked for) and the JSON sidecar of an output about to be written."""
     options, scan = ctx.options, job.scan
     xmp_file = None
     if options.xmp_sidecar:
-        atomic_write_bytes(xmp_sidecar_path(out_path), xmp)
+        write_file(xmp_sidecar_path(out_path), xmp)
         xmp_file = xmp_sidecar_path(out_path).name
-    out_sha = sha256_file(out_path)
     doc = make_sidecar(
-        source_root=os.path.relpath(ctx.scans_dir.resolve(), ctx.out_dir.resolve()), source_rel=job.name,
+        # Paths as the file system has them: json escapes undecodable bytes reversibly (\udcXX).
+        source_root=os.path.relpath(ctx.scans_dir.resolve(), ctx.out_dir.resolve()), source_rel=job.rel.as_posix(),
         source_sha256=job.sha256,
         scan_info={"width": scan.width, "height": scan.height, "bit_depth": scan.bit_depth,
                    "format": scan.format, "orientation": scan.orientation},
-        output_rel=display_path(job.output_rel), output_sha256=out_sha, output_format=fmt,
+        output_rel=job.output_rel.as_posix(), output_sha256=out_sha, output_format=fmt,
         output_bit_depth=bit_depth, xmp_embedded=embed_xmp, xmp_sidecar=xmp_file, references=refs,
         models=ctx.models.hashes(), backbone=ctx.models.backbone, provider=ctx.models.provider,
         parameters=options.parameters() | {"batch_size": options.batch_size, "jobs": options.jobs},

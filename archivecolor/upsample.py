@@ -17,6 +17,7 @@ from archivecolor.color import lab_to_rgb_keep_l
 FRAME_DARK_L = 18.0
 FRAME_BRIGHT_L = 92.0
 FRAME_MAX_FRACTION = 0.3  # a band deeper than this is picture, not frame
+FRAME_DETECT_SIDE = 1024
 GUIDE_RADIUS = 2  # in working-size pixels
 GUIDE_EPS = 1e-3  # on L/100; larger is smoother, towards plain bilinear
 STRIP_ROWS = 512  # rows recombined at a time, bounding memory on huge scans
@@ -100,6 +101,8 @@ def _run_from_start(flags: np.ndarray) -> np.ndarray:
 def frame_mask(l_low: np.ndarray) -> np.ndarray:
     """Where the image is its frame, (h, w) float32 in [0, 1]: 1 inside a frame band, feathered over two pixels.
 
+    ``l_low``: (h, w) float32 CIELAB L in [0, 100] at any resolution.
+
     A frame band is a run of near-black or near-white pixels (most of each 3×3 neighbourhood) that starts
     at the image border and goes straight inward, in rows from the left and right edges and in columns
     from the top and bottom, no deeper than ``FRAME_MAX_FRACTION`` of the side. Such bands are kept
@@ -107,17 +110,17 @@ def frame_mask(l_low: np.ndarray) -> np.ndarray:
     """
     h, w = l_low.shape
     mask = np.zeros((h, w), dtype=bool)
-    for raw in (l_low <= FRAME_DARK_L, l_low >= FRAME_BRIGHT_L):
-        # A pixel counts when most of its 3×3 neighbourhood is extreme: dust and scratches do not stop a band.
-        extreme = box_mean(raw[..., None].astype(np.float32), 1)[..., 0] >= 0.6
-        for flags, transpose in ((extreme, False), (extreme.T, True)):
-            n = flags.shape[1]
-            limit = int(n * FRAME_MAX_FRACTION)
-            lead = np.minimum(_run_from_start(flags), limit)
-            trail = np.minimum(_run_from_start(flags[:, ::-1]), limit)
-            cols = np.arange(n)
-            band = (cols[None, :] < lead[:, None]) | (cols[None, :] >= n - trail[:, None])
-            mask |= band.T if transpose else band
+    raw = (l_low <= FRAME_DARK_L) | (l_low >= FRAME_BRIGHT_L)  # one class: a white mount around a black plate edge
+    # A pixel counts when most of its 3×3 neighbourhood is extreme: dust and scratches do not stop a band.
+    extreme = box_mean(raw[..., None].astype(np.float32), 1)[..., 0] >= 0.6
+    for flags, transpose in ((extreme, False), (extreme.T, True)):
+        n = flags.shape[1]
+        limit = int(n * FRAME_MAX_FRACTION)
+        lead = np.minimum(_run_from_start(flags), limit)
+        trail = np.minimum(_run_from_start(flags[:, ::-1]), limit)
+        cols = np.arange(n)
+        band = (cols[None, :] < lead[:, None]) | (cols[None, :] >= n - trail[:, None])
+        mask |= band.T if transpose else band
     # Grow by two pixels so that, after the step is softened and upsampled bilinearly, the frame's inner
     # edge still gets no chroma at full size.
     grown = box_mean(mask[..., None].astype(np.float32), 2)[..., 0] > 0
@@ -141,7 +144,12 @@ def recombine(
         low = np.concatenate([coef_a, coef_b], axis=-1)
     else:
         low = ab_low
-    keep = (1.0 - frame_mask(l_low))[..., None] if neutral_frames else None
+    keep = None
+    if neutral_frames:  # found at up to FRAME_DETECT_SIDE px, where thin plate edges survive the downsizing
+        scale = min(1.0, FRAME_DETECT_SIDE / max(height, width))
+        detect = lightness if scale == 1.0 else resize_plane(lightness, max(1, round(height * scale)),
+                                                               max(1, round(width * scale)))
+        keep = (1.0 - frame_mask(detect))[..., None]
     top = np.iinfo(dtype).max
     out = np.empty((height, width, 3), dtype=dtype)
     for y0 in range(0, height, STRIP_ROWS):

@@ -12,6 +12,7 @@ app = typer.Typer(add_completion=False, help="Export the networks to ONNX (packa
 @app.command()
 def main(
     checkpoint: Path = typer.Option(None, help="training checkpoint for the U-Net (omit to keep the packaged one)"),
+    unet_only: bool = typer.Option(False, "--unet-only", help="write only the U-Net; keep the VGG and correspondence graphs"),
 ) -> None:
     """Export VGG templates, the correspondence and (with --checkpoint) the U-Net.
 
@@ -19,7 +20,9 @@ def main(
     """
     from export.onnx_export import export_all
 
-    registry = export_all(checkpoint)
+    if unet_only and checkpoint is None:
+        raise typer.BadParameter("--unet-only needs --checkpoint")
+    registry = export_all(checkpoint, unet_only=unet_only)
     for name, entry in registry["models"].items():
         typer.echo(f"{name:16} {entry['size']:>10,} B  {entry['sha256'][:12]}  {entry['file']}")
 

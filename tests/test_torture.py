@@ -374,3 +374,165 @@ def test_index_survives_odd_names_and_a_concurrent_indexer(tmp_path, photos, mod
     report = index_references(refs, catalog, home=models_home)
     assert report.unchanged == 4 and len(report.failed) == 1
     assert "caf\\xe9.png" in report.failed[0][0] and "not valid UTF-8" in report.failed[0][1]
+
+
+def hostile_tree(root, photos):
+    """At least fifteen kinds of bad or unusual scans, each a real file."""
+    import io
+    import struct
+    import zlib
+
+    import tifffile
+
+    root.mkdir(parents=True)
+    g = gray_of(photos[0])
+    buf = io.BytesIO()
+    Image.fromarray(g).save(buf, format="JPEG")
+    jpeg = buf.getvalue()
+    buf = io.BytesIO()
+    Image.fromarray(g).save(buf, format="PNG")
+    png = buf.getvalue()
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, g)
+    tiff = buf.getvalue()
+    (root / "zero.jpg").write_bytes(b"")
+    (root / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    (root / "truncated.png").write_bytes(png[: len(png) // 3])
+    (root / "truncated.tif").write_bytes(tiff[: len(tiff) // 3])
+    (root / "png-named.jpg").write_bytes(png)
+    (root / "page.jpg").write_text("<html><body>404 Not Found</body></html>")
+    Image.fromarray(np.full((1, 1), 99, np.uint8)).save(root / "one-pixel.png")
+    Image.fromarray(np.tile(g[:1], (1, 60))[:, :10000]).save(root / "strip-1x10000.png")
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    (root / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 0, 0, 0, 0))
+                                    + chunk(b"IEND", b""))
+    Image.fromarray(np.dstack([g] * 3)).convert("CMYK").save(root / "cmyk.jpg")
+    Image.fromarray(g).convert("P").save(root / "palette.png")
+    Image.fromarray(g).convert("LA").save(root / "gray-alpha.png")
+    Image.fromarray(g.astype(np.uint16) * 257).save(root / "gray16.png")
+    tifffile.imwrite(root / "float32.tif", g.astype(np.float32) / 255)
+    tifffile.imwrite(root / "multipage.tif", np.stack([g, g]))
+    tifffile.imwrite(root / "planar.tif", np.stack([g, g, g]), planarconfig="separate", photometric="rgb")
+    frames = [Image.fromarray(g), Image.fromarray(255 - g)]
+    frames[0].save(root / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    exif = Image.Exif()
+    exif[0x0112] = 42
+    Image.fromarray(g).save(root / "bad-orientation.jpg", exif=exif.tobytes())
+    from archivecolor.imageio import srgb_profile
+
+    icc = srgb_profile()
+    Image.fromarray(np.dstack([g] * 3)).save(root / "corrupt-icc.png", icc_profile=icc[:40] + b"\xff" * (len(icc) - 40))
+    (root / "loop").symlink_to(root)
+    Image.fromarray(g).save(root / "name with spaces.png")
+    Image.fromarray(g).save(os.path.join(os.fsencode(root), b"new\nline-\xff.png"))
+    return root
+
+
+def test_a_hostile_tree_gets_done_or_one_line_reasons_and_stays_untouched(tmp_path, photos, reference, models_home):
+    scans = hostile_tree(tmp_path / "hostile", photos)
+    before = snapshot(scans)
+    out = tmp_path / "out"
+    code = textwrap.dedent(f"""
+        import json
+        from archivecolor.runner import RunOptions, colorize_folder
+        r = colorize_folder({str(scans)!r}, RunOptions(out={str(out)!r}, reference={str(reference)!r}))
+        print(json.dumps(r.as_dict()))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = {r["source"]: r for r in json.loads(proc.stdout)["results"]}
+    assert snapshot(scans) == before
+    failed = {"zero.jpg", "truncated.jpg", "truncated.png", "truncated.tif", "page.jpg", "bomb.png", "float32.tif"}
+    done = {"png-named.jpg", "one-pixel.png", "strip-1x10000.png", "cmyk.jpg", "palette.png", "gray-alpha.png",
+            "gray16.png", "multipage.tif", "planar.tif", "animated.gif", "bad-orientation.jpg", "corrupt-icc.png",
+            "name with spaces.png", "new\nline-\\xff.png"}
+    for name in failed:
+        assert results[name]["status"] == "failed", results[name]
+        reason = results[name]["reason"]
+        assert "\n" not in reason and name.split(".")[0] in reason and "Traceback" not in reason
+    for name in done:
+        assert results[name]["status"] == "done", results[name]
+        output = results[name]["output"].replace("\\xff", os.fsdecode(b"\xff"))  # the report shows bytes as \\xNN
+        assert read_image(out / output).pixels.size > 0
+    assert results["png-named.jpg"]["output"] == "png-named.png"
+    assert results["animated.gif"]["output"] == "animated.png"
+    assert any("only the first" in w for w in results["animated.gif"]["warnings"])
+    assert any("orientation 42" in w for w in results["bad-orientation.jpg"]["warnings"])
+    assert any("ICC profile is corrupt" in w for w in results["corrupt-icc.png"]["warnings"])
+    assert any("only the first page" in w for w in results["multipage.tif"]["warnings"])
+    assert verify(out).clean
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_never_leaves_a_partial_output(tmp_path, photos, reference, models_home):
+    import random
+    import time
+
+    scans = gray_scans(tmp_path / "scans", photos, 6)
+    (scans / "sub").mkdir()
+    Image.fromarray(gray_of(photos[2])).save(scans / "sub" / "deep.jpg", quality=90)
+
+    def command(out):
+        return [sys.executable, "-m", "archivecolor", "run", str(scans), "--out", str(out), "--reference", str(reference),
+                "--quiet", "--batch-size", "1"]
+
+    baseline = tmp_path / "baseline"
+    started = time.perf_counter()
+    subprocess.run(command(baseline), cwd=ROOT, check=True, capture_output=True)
+    full = time.perf_counter() - started
+    expected = {p.relative_to(baseline): read_image(p).pixels for p in baseline.rglob("*") if p.suffix in (".png", ".jpg")}
+    assert len(expected) == 7
+    rng = random.Random(0)
+    trials = []
+    for trial in range(20):
+        out = tmp_path / f"trial{trial}"
+        proc = subprocess.Popen(command(out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.1, full))
+        proc.kill()
+        proc.wait()
+        outputs = [p for p in out.rglob("*") if p.suffix in (".png", ".jpg")] if out.exists() else []
+        for path in outputs:  # whatever a killed run left is whole and accounted for
+            doc = json.loads((path.parent / (path.name + ".json")).read_text())
+            assert doc["output"]["sha256"] == sha(path)
+            assert read_image(path).pixels.size > 0
+        trials.append(len(outputs))
+        resumed = colorize_folder(scans, RunOptions(out=out, reference=reference, batch_size=1))
+        assert resumed.exit_code == 0 and resumed.count("done") + resumed.count("skipped") == 7
+        assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+        for rel, pixels in expected.items():
+            assert np.array_equal(read_image(out / rel).pixels, pixels), (trial, rel)
+        assert verify(out).clean
+    assert min(trials) < 7 and max(trials) > 0  # kills landed before, during and after the writes
+
+
+def test_an_unwritable_output_folder_is_one_error_line(tmp_path, photos, reference, models_home):
+    scans = gray_scans(tmp_path / "scans", photos, 1)
+    # /proc/self exists and is a folder that nobody, root included, may create files in
+    result = runner.invoke(app, ["run", str(scans), "--out", "/proc/self", "--reference", str(reference), "--quiet"])
+    assert result.exit_code == 1 and "Error: /proc/self: cannot write here" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_index_and_run_at_once_on_one_catalogue_both_finish(tmp_path, photos, models_home):
+    from archivecolor.catalog import index_references
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i in range(3):
+        Image.fromarray(photos[i + 3]).save(refs / f"r{i}.png")
+    catalog = tmp_path / "cat.sqlite"
+    index_references(refs, catalog, home=models_home)
+    more = tmp_path / "more"
+    more.mkdir()
+    for i in range(3):
+        Image.fromarray(np.ascontiguousarray(photos[i][::-1])).save(more / f"m{i}.png")
+    indexer = subprocess.Popen([sys.executable, "-m", "archivecolor", "index", str(more), "--catalog", str(catalog)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    scans = gray_scans(tmp_path / "scans", photos, 3)
+    report = colorize_folder(scans, RunOptions(out=tmp_path / "out", catalog=catalog))
+    _, err = indexer.communicate(timeout=240)
+    assert indexer.returncode == 0, err[-1000:]
+    assert report.exit_code == 0 and report.count("done") == 3
