@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from archivecolor.catalog import Catalog, centre_square, index_references
-from archivecolor.color import l_to_gray, lab_to_rgb, normalise_l, rgb_to_lab
+from archivecolor.color import l_to_gray, lab_to_rgb, normalise_l, rgb_to_lab, to_uint8
 from archivecolor.errors import UsageError
 from archivecolor.imageio import file_walk_images, read_image, to_upright
 from archivecolor.models.store import model_dir
@@ -50,7 +50,7 @@ L_BINS = 16
 # --- metrics ------------------------------------------------------------------------------------------
 
 
-def to_uint8(rgb01: np.ndarray) -> np.ndarray:
+def rgb01_to_uint8(rgb01: np.ndarray) -> np.ndarray:
     return np.round(np.clip(rgb01, 0, 1) * 255).astype(np.uint8)
 
 
@@ -211,8 +211,7 @@ def _load_sample(path: Path, group: str, size: int | None) -> Sample:
     scan = read_image(path)
     pixels = scan.pixels if scan.pixels.ndim == 3 else np.dstack([scan.pixels] * 3)
     pixels = to_upright(pixels, scan.orientation)
-    if pixels.dtype == np.uint16:
-        pixels = (pixels.astype(np.uint32) * 255 // 65535).astype(np.uint8)
+    pixels = to_uint8(pixels)
     if size:
         pixels = np.asarray(Image.fromarray(pixels).resize((size, size), Image.BICUBIC))
     else:  # the working grid needs multiples of 16; crop the few extra rows and columns
@@ -223,7 +222,7 @@ def _load_sample(path: Path, group: str, size: int | None) -> Sample:
 
 
 def _rgb(l: np.ndarray, ab: np.ndarray) -> np.ndarray:
-    return to_uint8(lab_to_rgb(np.dstack([l, ab])))
+    return rgb01_to_uint8(lab_to_rgb(np.dstack([l, ab])))
 
 
 def run_bench(
@@ -390,7 +389,7 @@ def markdown(report: dict) -> str:
 
 
 def _gray_rgb(l: np.ndarray) -> np.ndarray:
-    return np.dstack([to_uint8(l_to_gray(l))] * 3)
+    return np.dstack([rgb01_to_uint8(l_to_gray(l))] * 3)
 
 
 def write_figures(samples: list[Sample], scores: dict, methods: tuple[str, ...], out: Path,
@@ -572,7 +571,7 @@ def run_pairs(pairs_dir: Path, out: Path, provider: str = "auto", home: Path | N
         h, w = fit_working_size(*lightness.shape, working_size)
         l_low = resize_plane(lightness, h, w)
         ref_lab = upright_lab(read_image(ref))
-        ref_rgb = to_uint8(lab_to_rgb(ref_lab))
+        ref_rgb = rgb01_to_uint8(lab_to_rgb(ref_lab))
         reference = reference_from_lab(sha256_file(ref), ref_lab, working_size)
         reference.features = models.features_of(reference.l)
         pred = predict(models, normalise_l(l_low)[None, None], [[reference]])[0]

@@ -22,7 +22,7 @@ import numpy as np
 import sqlite_utils
 from PIL import Image
 
-from archivecolor.color import is_near_gray, normalise_l
+from archivecolor.color import is_near_gray, normalise_l, to_uint8
 from archivecolor.errors import ArchivecolorError, CatalogError, ImageReadError
 from archivecolor.imageio import file_walk, read_image, to_upright
 from archivecolor.models.weights import sha256_file
@@ -107,7 +107,7 @@ def centre_square(lightness: np.ndarray, size: int = EMBED_SIZE) -> np.ndarray:
 
 
 def _thumbnail(pixels: np.ndarray) -> bytes:
-    im = Image.fromarray(pixels if pixels.dtype == np.uint8 else (pixels >> 8).astype(np.uint8))
+    im = Image.fromarray(to_uint8(pixels))
     im.thumbnail((THUMB_SIZE, THUMB_SIZE))
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=80)

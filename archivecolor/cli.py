@@ -162,7 +162,8 @@ def catalog_stats(catalog: Path = CatalogOpt) -> None:
     with Catalog.open(catalog) as cat:
         stats = cat.stats()
     console.print(f"{stats['path']}: {stats['photos']} photos ({stats['colour']} colour), backbone "
-                  f"{stats['backbone']}, {stats['embedding']} embeddings, {stats['bytes_on_disk']:,} bytes")
+                  f"{stats['backbone']}, {stats['embedding']} embeddings, {stats['bytes_on_disk']:,} bytes",
+                  markup=False, highlight=False, soft_wrap=True)
     table = Table("collection", "photos", "colour")
     for row in stats["collections"]:
         table.add_row(row["collection"] or "(none)", str(row["photos"]), str(row["colour"]))
@@ -194,16 +195,25 @@ def catalog_search(
     collection: str = typer.Option(None, help="only this collection"),
     tag: str = typer.Option(None, help="only photos with this tag"),
     provider: str = ProviderOpt,
+    json_out: bool = typer.Option(False, "--json", help="print the matches as JSON on stdout"),
 ) -> None:
-    """Show the nearest references to IMAGE with their similarity.
+    """Show the nearest references to IMAGE with their similarity and full paths.
 
     Example: archivecolor catalog search scan_0001.tif --k 5
     """
     from archivecolor.catalog import search_image
 
+    matches = search_image(image, catalog, k, collection, tag, provider)
+    if json_out:
+        rows = [{"rank": rank, "similarity": round(m.similarity, 6), "id": m.id, "collection": m.collection, "path": m.path}
+                for rank, m in enumerate(matches, 1)]
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
     table = Table("rank", "similarity", "id", "collection", "path")
-    for rank, match in enumerate(search_image(image, catalog, k, collection, tag, provider), 1):
-        table.add_row(str(rank), f"{match.similarity:.3f}", str(match.id), match.collection or "-", match.path)
+    for rank, match in enumerate(matches, 1):
+        table.add_row(str(rank), f"{match.similarity:.3f}", str(match.id), match.collection or "-", match.path,
+                      end_section=False)
+    table.columns[-1].overflow = "fold"  # full paths, folded rather than cut with an ellipsis
     console.print(table)
 
 

@@ -31,6 +31,15 @@ def to_unit_float(image: np.ndarray) -> np.ndarray:
     raise TypeError(f"unsupported image dtype {image.dtype}; expected uint8, uint16 or float")
 
 
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """uint16 (or uint8) samples to uint8, rounded to the nearest level: the one 16-to-8-bit conversion."""
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype != np.uint16:
+        raise TypeError(f"unsupported image dtype {image.dtype}; expected uint8 or uint16")
+    return ((image.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
 def srgb_to_linear(rgb: np.ndarray) -> np.ndarray:
     rgb = np.asarray(rgb, dtype=np.float32)
     return np.where(rgb <= 0.04045, rgb / 12.92, ((np.maximum(rgb, 0.04045) + 0.055) / 1.055) ** 2.4).astype(
@@ -155,7 +164,7 @@ def is_near_gray(rgb: np.ndarray, tolerance: float = 4.0) -> bool:
     """
     from PIL import Image
 
-    thumb = Image.fromarray(rgb if rgb.dtype == np.uint8 else (rgb >> 8).astype(np.uint8))
+    thumb = Image.fromarray(to_uint8(rgb))
     thumb.thumbnail((64, 64), Image.BOX)
     lab = rgb_to_lab(np.asarray(thumb)).reshape(-1, 3)
     bands = np.minimum((lab[:, 0] / 100.0 * 16).astype(np.int64), 15)

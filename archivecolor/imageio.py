@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageCms
 
-from archivecolor.color import gray_to_l, is_near_gray, rgb_to_lab
+from archivecolor.color import gray_to_l, is_near_gray, rgb_to_lab, to_uint8
 from archivecolor.errors import ImageReadError, ImageTooLarge, ImageWriteError
 
 DEFAULT_MAX_PIXELS = 400_000_000
@@ -443,8 +443,8 @@ def encode_image(
     """
     fmt = fmt.upper()
     if rgb.dtype == np.uint16 and fmt in ("JPEG", "BMP", "WEBP"):
-        rgb = (rgb.astype(np.uint32) * 255 // 65535).astype(np.uint8)
-        alpha = None if alpha is None else (alpha.astype(np.uint32) * 255 // 65535).astype(np.uint8)
+        rgb = to_uint8(rgb)
+        alpha = None if alpha is None else to_uint8(alpha)
     if alpha is not None:
         if alpha.dtype != rgb.dtype:
             scale = 257 if rgb.dtype == np.uint16 else 1 / 257

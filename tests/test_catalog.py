@@ -178,3 +178,30 @@ def test_top_k_is_exact():
         scores = queries[q] @ matrix.T
         scores[~mask] = -np.inf
         assert [j for j, _ in row] == list(np.argsort(-scores)[:5])
+
+
+def test_catalog_commands_print_usable_answers(refs, tmp_path, models_home):
+    import json
+
+    from typer.testing import CliRunner
+
+    from archivecolor.cli import app
+
+    runner = CliRunner()
+    db = tmp_path / "cat.sqlite"
+    assert runner.invoke(app, ["index", str(refs), "--catalog", str(db), "--collection", "kodak"]).exit_code == 0
+    query = refs / "photo0.jpg"
+    found = runner.invoke(app, ["catalog", "search", str(query), "--catalog", str(db), "--k", "3", "--json"])
+    assert found.exit_code == 0, found.output
+    rows = json.loads(found.stdout)
+    assert [r["rank"] for r in rows] == [1, 2, 3] and all(Path(r["path"]).is_file() for r in rows)
+    assert str(query.resolve()) not in [r["path"] for r in rows]  # a photo is never its own reference
+    assert rows[0]["similarity"] >= rows[-1]["similarity"]
+    stats = runner.invoke(app, ["catalog", "stats", "--catalog", str(db)])
+    assert stats.exit_code == 0 and "7 photos (6 colour)" in stats.output
+    listing = runner.invoke(app, ["catalog", "ls", "--catalog", str(db)])
+    assert listing.exit_code == 0 and "photo5.jpg" in listing.output
+    removed = runner.invoke(app, ["catalog", "rm", str(refs / "photo4.jpg"), "--catalog", str(db)])
+    assert removed.exit_code == 0
+    with Catalog.open(db) as cat:
+        assert cat.count(colour_only=True) == 5

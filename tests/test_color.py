@@ -79,3 +79,14 @@ def test_torch_twin_agrees():
     assert np.abs(out[0].detach().numpy().transpose(1, 2, 0) - color.lab_to_rgb(lab)).max() < 1e-3
     out.sum().backward()
     assert torch.isfinite(ab.grad).all() and ab.grad.abs().sum() > 0
+
+
+def test_one_16_to_8_bit_conversion_rounds_to_the_nearest_level():
+    from archivecolor.color import to_uint8
+
+    x = np.arange(65536, dtype=np.uint16)
+    y = to_uint8(x)
+    assert y.dtype == np.uint8 and y[0] == 0 and y[-1] == 255
+    assert np.abs(y.astype(np.float64) - x / 257.0).max() <= 0.5 + 1e-9
+    assert np.all(np.diff(y.astype(np.int64)) >= 0)
+    assert to_uint8(np.array([7], np.uint8))[0] == 7
