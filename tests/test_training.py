@@ -62,7 +62,11 @@ def test_train_resume_and_export(data_root, tmp_path):
     from archivecolor.models.store import widen_float16
 
     session = ort.InferenceSession(widen_float16((assets / "unet.onnx").read_bytes()), providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).uniform(-1, 1, (1, 13, 48, 64)).astype(np.float32)
+    assert [i.name for i in session.get_inputs()] == ["x13", "tf3", "tf4", "tf5"]  # with the semantic prior
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (1, 13, 48, 64)).astype(np.float32)
+    semantic = [rng.uniform(0, 4, (1, c, 48 // s, 64 // s)).astype(np.float32) for c, s in ((256, 4), (512, 8), (512, 16))]
     with torch.no_grad():
-        expected = resumed.model.eval()(torch.from_numpy(x))[0].numpy()
-    assert np.abs(session.run(["ab"], {"x13": x})[0] - expected).max() < 5e-3  # float16 storage
+        expected = resumed.model.eval()(torch.from_numpy(x), *map(torch.from_numpy, semantic))[0].numpy()
+    got = session.run(["ab"], {"x13": x, "tf3": semantic[0], "tf4": semantic[1], "tf5": semantic[2]})[0]
+    assert np.abs(got - expected).max() < 5e-3  # float16 storage

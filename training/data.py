@@ -17,12 +17,11 @@ import torch
 from PIL import Image
 
 from archivecolor.color import is_near_gray, normalise_ab, normalise_l, rgb_to_lab
+from archivecolor.imageio import is_image_path
 from archivecolor.nets.correspondence import Correspondence
 from archivecolor.nets.unet import SEMANTIC_FEATURES
 from archivecolor.nets.vgg import VGGFeatures
 from training.config import TEST_FOLDERS, TRAIN_FOLDERS, TrainConfig
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
 
 
 def list_photos(data_root: Path) -> list[Path]:
@@ -31,7 +30,7 @@ def list_photos(data_root: Path) -> list[Path]:
     for folder in TRAIN_FOLDERS:
         assert folder not in TEST_FOLDERS
         for path in sorted((data_root / folder).glob("*")):
-            if path.suffix.lower() in IMAGE_SUFFIXES:
+            if is_image_path(path):
                 photos.append(path)
     return photos
 
