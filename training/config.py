@@ -9,6 +9,16 @@ TEST_FOLDERS = ("kodak24", "cbsd68", "mcmaster18", "prokudin-gorskii")
 
 
 @dataclass(frozen=True)
+class LossSpec:
+    """The ab loss of a training stage: a pixel term, plus a one-sided colourfulness hinge that only a
+    prediction duller than ``colourfulness_target`` × the truth's mean chroma pays."""
+
+    pixel: str = "l2"  # l2 (what PSNR measures) or smooth_l1 (the median: bolder colours)
+    colourfulness_weight: float = 1.0
+    colourfulness_target: float = 0.85
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     name: str
     size: int  # square training crops, a multiple of 16
@@ -19,8 +29,11 @@ class TrainConfig:
     weight_decay: float = 1e-4
     perceptual_weight: float = 0.1
     perceptual_layers: int = 16  # VGG-16 up to relu3_3: deeper layers judge colour by what the object is
-    pixel_loss: str = "smooth_l1"  # or "l2", the previous model's
-    colourfulness_weight: float = 0.5  # one-sided hinge: only a duller-than-truth prediction pays
+    loss: LossSpec = LossSpec()
+    # Warm-up: bold colours first (smooth-L1, hinge at the truth's chroma) so that the semantic prior is
+    # learnt before L2 can settle on gray; then L2, which PSNR rewards, with a milder hinge.
+    warmup_epochs: int = 2
+    warmup_loss: LossSpec = LossSpec(pixel="smooth_l1", colourfulness_weight=0.5, colourfulness_target=1.0)
     semantic: bool = True  # the U-Net reads the target's VGG features
     self_reference_rate: float = 0.35  # the rest are retrieved (imperfect) references
     retrieved_per_photo: int = 2
@@ -30,13 +43,17 @@ class TrainConfig:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def loss_at(self, epoch: int) -> LossSpec:
+        """The loss of (0-based) ``epoch``."""
+        return self.warmup_loss if epoch < self.warmup_epochs else self.loss
+
 
 CONFIGS = {
     # About 2 hours on 2 CPU cores: a narrower U-Net at 160 px.
     "cpu-small": TrainConfig(name="cpu-small", size=160, width=32, epochs=12),
     # The 0.1.0 model's recipe, kept for the ablation: L2 + relu2_2 perceptual, no semantic prior.
-    "cpu-small-v1": TrainConfig(name="cpu-small-v1", size=160, width=32, epochs=12, pixel_loss="l2",
-                                perceptual_layers=9, colourfulness_weight=0.0, semantic=False),
+    "cpu-small-v1": TrainConfig(name="cpu-small-v1", size=160, width=32, epochs=12, perceptual_layers=9,
+                                semantic=False, loss=LossSpec(colourfulness_weight=0.0), warmup_epochs=0),
     # The seed's schedule for a GPU: 10 epochs at 224 px, full-width U-Net.
     "full": TrainConfig(name="full", size=224, width=64, epochs=10),
 }

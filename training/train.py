@@ -33,9 +33,9 @@ def chroma(ab: torch.Tensor) -> torch.Tensor:
     return ab.pow(2).sum(dim=1, keepdim=True).add(1e-8).sqrt()
 
 
-def colourfulness_hinge(ab_pred: torch.Tensor, ab_true: torch.Tensor) -> torch.Tensor:
-    """How much duller than the truth the prediction is, per image mean chroma; zero when as vivid or more."""
-    shortfall = chroma(ab_true).mean(dim=(1, 2, 3)) - chroma(ab_pred).mean(dim=(1, 2, 3))
+def colourfulness_hinge(ab_pred: torch.Tensor, ab_true: torch.Tensor, target: float = 1.0) -> torch.Tensor:
+    """How much duller than ``target`` × the truth the prediction is, per image mean chroma; zero when vivid enough."""
+    shortfall = target * chroma(ab_true).mean(dim=(1, 2, 3)) - chroma(ab_pred).mean(dim=(1, 2, 3))
     return F.relu(shortfall).mean()
 
 
@@ -143,7 +143,8 @@ class Trainer:
     def loss(self, x: torch.Tensor, ab_true: torch.Tensor, semantic: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         ab_pred, _ = self.model(x, *semantic)
         cfg = self.config
-        if cfg.pixel_loss == "smooth_l1":
+        spec = cfg.loss_at(self.epoch)
+        if spec.pixel == "smooth_l1":
             pixel = F.smooth_l1_loss(ab_pred, ab_true, beta=SMOOTH_L1_BETA)
         else:
             pixel = F.mse_loss(ab_pred, ab_true)
@@ -152,7 +153,8 @@ class Trainer:
             target = F.normalize(self._features(lab_to_rgb(l01, ab_true)), dim=1)
         pred = F.normalize(self._features(lab_to_rgb(l01, ab_pred)), dim=1)
         perceptual = F.mse_loss(pred, target)
-        total = pixel + cfg.perceptual_weight * perceptual + cfg.colourfulness_weight * colourfulness_hinge(ab_pred, ab_true)
+        hinge = colourfulness_hinge(ab_pred, ab_true, spec.colourfulness_target)
+        total = pixel + cfg.perceptual_weight * perceptual + spec.colourfulness_weight * hinge
         return total, ab_pred
 
     def epoch_rows(self) -> list[int]:
