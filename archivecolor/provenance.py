@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -116,7 +117,26 @@ def read_xmp_fields(xmp: bytes) -> dict[str, str]:
     }
 
 
+@functools.lru_cache(maxsize=1)
+def _validator():
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(load_schema())
+
+
+def schema_problem(document: object) -> str | None:
+    """Why ``document`` is not a valid sidecar under the schema, or None when it is."""
+    error = next(iter(_validator().iter_errors(document)), None)
+    if error is None:
+        return None
+    where = "/".join(str(p) for p in error.absolute_path) or "top level"
+    return f"{where}: {error.message}"
+
+
 def write_sidecar(output: Path, document: dict) -> Path:
+    problem = schema_problem(document)
+    if problem is not None:  # a bug, not a user error: never certify with a malformed record
+        raise ValueError(f"refusing to write an invalid sidecar for {output}: {problem}")
     path = sidecar_path(output)
     atomic_write_bytes(path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
     return path
@@ -169,13 +189,9 @@ def read_sidecar(path: Path) -> dict | None:
         return None
     if not isinstance(doc, dict) or doc.get("schema") != SIDECAR_SCHEMA:
         return None
-    source, output, refs = doc.get("source"), doc.get("output"), doc.get("references")
-    if not (isinstance(source, dict) and isinstance(output, dict) and isinstance(refs, list)
-            and all(isinstance(source.get(k), str) for k in ("root", "path", "sha256"))
-            and all(isinstance(output.get(k), str) for k in ("path", "sha256"))
-            and all(isinstance(r, dict) and isinstance(r.get("path"), str) and isinstance(r.get("sha256"), str)
-                    for r in refs)):
-        raise ValueError("a sidecar with missing or mistyped source, output or references fields")
+    problem = schema_problem(doc)
+    if problem is not None:
+        raise ValueError(f"not a valid sidecar ({problem})")
     return doc
 
 

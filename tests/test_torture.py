@@ -205,6 +205,11 @@ def test_verify_follows_a_moved_archive_and_survives_foreign_json(tmp_path, phot
     doc["references"][0]["sha256"] = "0" * 64  # an edited sidecar
     (moved / "out" / "scan0.png.json").write_text(json.dumps(doc))
     assert verify(moved / "out", apart).changed_reference == ["scan0.png"]
+    doc["provider"] = "TotallyRealGPU"  # not a provider that exists: the schema refuses it
+    (moved / "out" / "scan0.png.json").write_text(json.dumps(doc))
+    assert "provider" in verify(moved / "out", apart).unreadable[0]
+    doc["provider"] = "CPUExecutionProvider"
+    (moved / "out" / "scan0.png.json").write_text(json.dumps(doc))
     (moved / "out" / ".scan0.png.4242.tmp").write_bytes(b"half")
     assert verify(moved / "out", apart).temp_files == [".scan0.png.4242.tmp"]
 
@@ -536,3 +541,14 @@ def test_index_and_run_at_once_on_one_catalogue_both_finish(tmp_path, photos, mo
     _, err = indexer.communicate(timeout=240)
     assert indexer.returncode == 0, err[-1000:]
     assert report.exit_code == 0 and report.count("done") == 3
+
+
+def test_a_malformed_manifest_is_one_error_line(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    monkeypatch.setenv("ARCHIVECOLOR_HOME", str(home))
+    for text in ("[1, 2, 3]", '{"unet": {"name": "unet"}}', "not json"):
+        (home / "models" / "manifest.json").write_text(text)
+        result = runner.invoke(app, ["models", "list"])
+        assert result.exit_code == 1 and "manifest.json: unreadable manifest" in result.output, result.output
+        assert "Traceback" not in result.output

@@ -57,10 +57,11 @@ def read_manifest(home: Path | None = None) -> dict[str, InstalledModel]:
     if not path.exists():
         return {}
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelNotFound(f"{path}: unreadable manifest ({exc}); run `archivecolor models pull --force`") from exc
-    return {name: InstalledModel(**entry) for name, entry in raw.items()}
+        raw = json.loads(path.read_bytes())
+        return {name: InstalledModel(**entry) for name, entry in raw.items()}
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ModelNotFound(f"{path}: unreadable manifest ({type(exc).__name__}: {exc}); "
+                            f"run `archivecolor models pull --force`") from exc
 
 
 def _write_manifest(entries: dict[str, InstalledModel], home: Path | None) -> None:
