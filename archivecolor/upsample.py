@@ -18,6 +18,14 @@ FRAME_DARK_L = 18.0
 FRAME_BRIGHT_L = 92.0
 FRAME_MAX_FRACTION = 0.3  # a band deeper than this is picture, not frame
 FRAME_DETECT_SIDE = 1024
+# Film rebates and plate edges of any tone: lines along a side that are uniform (L spread under
+# BAND_MAX_STD over their central 80%) and differ from the picture next to them by BAND_CONTRAST.
+BAND_MAX_STD = 6.0
+BAND_CONTRAST = 8.0
+BAND_MAX_FRACTION = 0.05
+# The outermost pixels of the network's output are its least reliable (VGG reads zero padding there):
+# chroma fades in over this fraction of the short side, so no coloured fringe can line an edge.
+EDGE_TAPER_FRACTION = 0.015
 GUIDE_RADIUS = 2  # in working-size pixels
 GUIDE_EPS = 1e-3  # on L/100; larger is smoother, towards plain bilinear
 STRIP_ROWS = 512  # rows recombined at a time, bounding memory on huge scans
@@ -98,6 +106,21 @@ def _run_from_start(flags: np.ndarray) -> np.ndarray:
     return np.where(stops.any(axis=1), stops.argmax(axis=1), flags.shape[1])
 
 
+def _uniform_band_depth(lines: np.ndarray) -> int:
+    """How many rows from the top of ``lines`` (h, w) form a uniform band unlike the picture below it."""
+    h, w = lines.shape
+    core = lines[:, int(0.1 * w) : max(int(0.9 * w), int(0.1 * w) + 1)]
+    spread, level = core.std(axis=1), core.mean(axis=1)
+    limit = max(1, int(h * BAND_MAX_FRACTION))
+    depth = 0  # the band ends where a line is not uniform or its level steps away from the edge's
+    while depth < limit and spread[depth] < BAND_MAX_STD and abs(level[depth] - level[0]) < BAND_CONTRAST / 2:
+        depth += 1
+    if depth == 0 or depth >= h - 1:
+        return 0
+    inner = level[depth : depth + max(2, depth)].mean()
+    return depth if abs(level[:depth].mean() - inner) >= BAND_CONTRAST else 0
+
+
 def frame_mask(l_low: np.ndarray) -> np.ndarray:
     """Where the image is its frame, (h, w) float32 in [0, 1]: 1 inside a frame band, feathered over two pixels.
 
@@ -106,7 +129,9 @@ def frame_mask(l_low: np.ndarray) -> np.ndarray:
     A frame band is a run of near-black or near-white pixels (most of each 3×3 neighbourhood) that starts
     at the image border and goes straight inward, in rows from the left and right edges and in columns
     from the top and bottom, no deeper than ``FRAME_MAX_FRACTION`` of the side. Such bands are kept
-    neutral: the network has no colour to give a black glass-plate edge or a white mount.
+    neutral: the network has no colour to give a black glass-plate edge or a white mount. So are
+    uniform bands of any tone along a side (a film rebate, a plate's edge) that stand apart from the
+    picture next to them (``_uniform_band_depth``).
     """
     h, w = l_low.shape
     mask = np.zeros((h, w), dtype=bool)
@@ -121,10 +146,26 @@ def frame_mask(l_low: np.ndarray) -> np.ndarray:
         cols = np.arange(n)
         band = (cols[None, :] < lead[:, None]) | (cols[None, :] >= n - trail[:, None])
         mask |= band.T if transpose else band
+    for side in range(4):
+        lines = np.rot90(l_low, side)  # the side's edge is row 0
+        depth = _uniform_band_depth(lines)
+        if depth:
+            band = np.zeros(lines.shape, dtype=bool)
+            band[:depth] = True
+            mask |= np.rot90(band, -side)
     # Grow by two pixels so that, after the step is softened and upsampled bilinearly, the frame's inner
     # edge still gets no chroma at full size.
     grown = box_mean(mask[..., None].astype(np.float32), 2)[..., 0] > 0
     return box_mean(grown[..., None].astype(np.float32), 1)[..., 0]
+
+
+def edge_taper(height: int, width: int) -> np.ndarray:
+    """(height, width) float32 weights: 0 on the image's edge, rising linearly to 1 at
+    ``EDGE_TAPER_FRACTION`` of the short side inward."""
+    depth = max(1.0, EDGE_TAPER_FRACTION * min(height, width))
+    ramp_y = np.minimum(np.arange(height) + 0.5, np.arange(height)[::-1] + 0.5) / depth
+    ramp_x = np.minimum(np.arange(width) + 0.5, np.arange(width)[::-1] + 0.5) / depth
+    return np.minimum(np.minimum(ramp_y[:, None], ramp_x[None, :]), 1.0).astype(np.float32)
 
 
 def recombine(
@@ -135,7 +176,8 @@ def recombine(
 
     lightness: (H, W) float32 L in [0, 100], the original scan's. ab_low: (h, w, 2) float32 CIELAB
     a, b at working size. l_low: (h, w) float32 L in [0, 100] at working size (the guide).
-    neutral_frames: keep near-black and near-white border bands (``frame_mask``) free of chroma.
+    neutral_frames: keep frames (``frame_mask``) free of chroma and fade chroma in from the edges
+    (``edge_taper``).
     Returns (H, W, 3) ``dtype`` (uint8 or uint16) sRGB whose L equals ``lightness`` up to quantisation.
     """
     height, width = lightness.shape
@@ -149,7 +191,7 @@ def recombine(
         scale = min(1.0, FRAME_DETECT_SIDE / max(height, width))
         detect = lightness if scale == 1.0 else resize_plane(lightness, max(1, round(height * scale)),
                                                                max(1, round(width * scale)))
-        keep = (1.0 - frame_mask(detect))[..., None]
+        keep = ((1.0 - frame_mask(detect)) * edge_taper(*detect.shape))[..., None]
     top = np.iinfo(dtype).max
     out = np.empty((height, width, 3), dtype=dtype)
     for y0 in range(0, height, STRIP_ROWS):
