@@ -38,11 +38,12 @@ def working_size(height: int, width: int, short_side: int, multiple: int = 16) -
     """(h, w) with the short side near ``short_side``, both multiples of ``multiple``, aspect kept.
 
     The long side is capped at ``MAX_ASPECT * short_side``: a 1×4000 strip would otherwise become a
-    256×1,024,000 network input. Such a strip is worked on thinner instead (never under ``multiple``).
+    256×1,024,000 network input. Such a strip is worked on thinner instead (never under two ``multiple``s).
     """
     scale = min(short_side / min(height, width), MAX_ASPECT * short_side / max(height, width))
-    h = max(multiple, int(round(height * scale / multiple)) * multiple)
-    w = max(multiple, int(round(width * scale / multiple)) * multiple)
+    # At least two multiples: the U-Net's reflect padding needs two pixels at its deepest level.
+    h = max(2 * multiple, int(round(height * scale / multiple)) * multiple)
+    w = max(2 * multiple, int(round(width * scale / multiple)) * multiple)
     return h, w
 
 

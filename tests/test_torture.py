@@ -552,3 +552,23 @@ def test_a_malformed_manifest_is_one_error_line(tmp_path, monkeypatch):
         result = runner.invoke(app, ["models", "list"])
         assert result.exit_code == 1 and "manifest.json: unreadable manifest" in result.output, result.output
         assert "Traceback" not in result.output
+
+
+def test_unreadable_scans_and_folders_are_reported(tmp_path, photos, reference, models_home):
+    if os.geteuid() == 0:
+        pytest.skip("running as root, which reads every file: permissions cannot be exercised here")
+    scans = gray_scans(tmp_path / "scans", photos, 2)
+    (scans / "scan1.png").chmod(0)
+    locked = scans / "locked"
+    locked.mkdir()
+    Image.fromarray(gray_of(photos[2])).save(locked / "inside.png")
+    locked.chmod(0)
+    try:
+        report = colorize_folder(scans, RunOptions(out=tmp_path / "out", reference=reference))
+    finally:
+        (scans / "scan1.png").chmod(0o644)
+        locked.chmod(0o755)
+    results = by_source(report)
+    assert results["scan0.png"].status == "done" and results["scan1.png"].status == "failed"
+    assert any(r.status == "failed" and "cannot be listed" in r.reason for r in report.results)
+    assert report.exit_code == 1
