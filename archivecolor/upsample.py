@@ -23,8 +23,8 @@ FRAME_DETECT_SIDE = 1024
 BAND_MAX_STD = 6.0
 BAND_CONTRAST = 8.0
 BAND_MAX_FRACTION = 0.05
-# The outermost pixels of the network's output are its least reliable (VGG reads zero padding there):
-# chroma fades in over this fraction of the short side, so no coloured fringe can line an edge.
+# The network's output is least reliable next to an edge, the image's (VGG reads zero padding there) or a
+# frame's (a step it has never seen in a photo): chroma fades in over this fraction of the short side.
 EDGE_TAPER_FRACTION = 0.015
 GUIDE_RADIUS = 2  # in working-size pixels
 GUIDE_EPS = 1e-3  # on L/100; larger is smoother, towards plain bilinear
@@ -160,13 +160,13 @@ def frame_mask(l_low: np.ndarray) -> np.ndarray:
     return box_mean(grown[..., None].astype(np.float32), 1)[..., 0]
 
 
-def edge_taper(height: int, width: int) -> np.ndarray:
-    """(height, width) float32 weights: 0 on the image's edge, rising linearly to 1 at
-    ``EDGE_TAPER_FRACTION`` of the short side inward."""
-    depth = max(1.0, EDGE_TAPER_FRACTION * min(height, width))
-    ramp_y = np.minimum(np.arange(height) + 0.5, np.arange(height)[::-1] + 0.5) / depth
-    ramp_x = np.minimum(np.arange(width) + 0.5, np.arange(width)[::-1] + 0.5) / depth
-    return np.minimum(np.minimum(ramp_y[:, None], ramp_x[None, :]), 1.0).astype(np.float32)
+def fade_in_from_edges(keep: np.ndarray) -> np.ndarray:
+    """``keep`` (h, w) in [0, 1] (0 in frames) with chroma also fading in from every edge, the image's and
+    the frames': 0 on the edge, rising about linearly to 1 at ``EDGE_TAPER_FRACTION`` of the short side."""
+    depth = max(1, int(round(EDGE_TAPER_FRACTION * min(keep.shape))))
+    inside = np.pad((keep > 0.5).astype(np.float32), depth)  # beyond the image counts as an edge
+    share = box_mean(inside[..., None], depth)[..., 0][depth:-depth, depth:-depth]
+    return np.clip(2.0 * share - 1.0, 0.0, 1.0) * keep
 
 
 def recombine(
@@ -177,8 +177,8 @@ def recombine(
 
     lightness: (H, W) float32 L in [0, 100], the original scan's. ab_low: (h, w, 2) float32 CIELAB
     a, b at working size. l_low: (h, w) float32 L in [0, 100] at working size (the guide).
-    neutral_frames: keep frames (``frame_mask``) free of chroma and fade chroma in from the edges
-    (``edge_taper``).
+    neutral_frames: keep frames (``frame_mask``) free of chroma and fade chroma in from the edges of the
+    image and of the frames (``fade_in_from_edges``).
     Returns (H, W, 3) ``dtype`` (uint8 or uint16) sRGB whose L equals ``lightness`` up to quantisation.
     """
     height, width = lightness.shape
@@ -192,7 +192,7 @@ def recombine(
         scale = min(1.0, FRAME_DETECT_SIDE / max(height, width))
         detect = lightness if scale == 1.0 else resize_plane(lightness, max(1, round(height * scale)),
                                                                max(1, round(width * scale)))
-        keep = ((1.0 - frame_mask(detect)) * edge_taper(*detect.shape))[..., None]
+        keep = fade_in_from_edges(1.0 - frame_mask(detect))[..., None]
     top = np.iinfo(dtype).max
     out = np.empty((height, width, 3), dtype=dtype)
     for y0 in range(0, height, STRIP_ROWS):
