@@ -572,3 +572,21 @@ def test_unreadable_scans_and_folders_are_reported(tmp_path, photos, reference, 
     assert results["scan0.png"].status == "done" and results["scan1.png"].status == "failed"
     assert any(r.status == "failed" and "cannot be listed" in r.reason for r in report.results)
     assert report.exit_code == 1
+
+
+def test_a_changed_catalogue_redoes_the_retrieved_outputs(tmp_path, photos, models_home):
+    from archivecolor.catalog import index_references
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i in range(2):
+        Image.fromarray(photos[i + 3]).save(refs / f"r{i}.png")
+    catalog = tmp_path / "cat.sqlite"
+    index_references(refs, catalog, home=models_home)
+    scans = gray_scans(tmp_path / "scans", photos, 2)
+    out = tmp_path / "out"
+    assert colorize_folder(scans, RunOptions(out=out, catalog=catalog)).count("done") == 2
+    assert colorize_folder(scans, RunOptions(out=out, catalog=catalog)).count("skipped") == 2
+    Image.fromarray(photos[5]).save(refs / "r2.png")  # a new reference could now be retrieved
+    index_references(refs, catalog, home=models_home)
+    assert colorize_folder(scans, RunOptions(out=out, catalog=catalog)).count("done") == 2
