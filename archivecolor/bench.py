@@ -33,7 +33,6 @@ from archivecolor.pipeline import (
     Prediction,
     ReferenceCache,
     StageTimes,
-    load_reference,
     predict,
     reference_from_lab,
     upright_lab,
@@ -259,7 +258,7 @@ def run_bench(
         l01 = normalise_l(resize_plane(sample.l, h, w))[None, None]
         query = models.embed(centre_square(sample.l))
         matches = catalog.search(query, k_needed, exclude_sha256={sample.sha256})[0]
-        refs = [cache.get(m.sha256, lambda m=m: load_reference(Path(m.path), m.sha256, side)) for m in matches]
+        refs = [cache.load(Path(m.path), m.sha256, side) for m in matches]
         sample.reference = matches[0].path
         h, w = sample.l.shape
         if "gray" in options.methods:

@@ -23,8 +23,8 @@ import sqlite_utils
 from PIL import Image
 
 from archivecolor.color import is_near_gray, normalise_l, to_uint8
-from archivecolor.errors import ArchivecolorError, CatalogError, ImageReadError
-from archivecolor.imageio import file_walk, read_image, to_upright
+from archivecolor.errors import CatalogError, ImageReadError, failure_reason
+from archivecolor.imageio import file_walk, printable_path, read_image, to_upright
 from archivecolor.models.weights import sha256_file
 from archivecolor.upsample import resize_plane
 
@@ -34,17 +34,6 @@ EMBEDDING_KINDS = ("gem", "avg")  # GeM of the last layer (default) or the seed'
 DEFAULT_EMBEDDING = "gem"
 THUMB_SIZE = 128
 _EXIF_DATE = (0x9003, 0x0132)  # DateTimeOriginal (Exif IFD), DateTime
-
-
-def _shown(path: Path) -> str:
-    """A path as printable text (undecodable bytes as ``\\xNN``)."""
-    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
-
-
-def _reason(path: Path, exc: Exception) -> str:
-    """A per-file failure as one line naming the file (library errors already name it)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text if isinstance(exc, ArchivecolorError) else f"{_shown(path)}: {type(exc).__name__}: {text}"
 
 
 def default_catalog_path() -> Path:
@@ -273,7 +262,7 @@ class Catalog:
             except (sqlite3.OperationalError, CatalogError):
                 raise  # the catalogue itself cannot be written: stop, keeping committed batches
             except Exception as exc:  # one failure boundary per file
-                report.failed.append((_shown(path), _reason(path, exc)))
+                report.failed.append((printable_path(path), failure_reason(exc, printable_path(path))))
                 continue
             if len(pending) >= batch_size:
                 flush()
@@ -288,7 +277,7 @@ class Catalog:
         """Record one photo, or queue it for embedding in ``pending``."""
         resolved = str(path.resolve())
         if resolved != os.fsencode(resolved).decode("utf-8", "replace"):
-            raise ImageReadError(f"{_shown(path)}: the file name is not valid UTF-8; rename the file to index it")
+            raise ImageReadError(f"{printable_path(path)}: the file name is not valid UTF-8; rename the file to index it")
         st = path.stat()
         row = self.db.execute("select id, size, mtime, sha256 from photos where path = ?", [resolved]).fetchone()
         if row and row[1] == st.st_size and row[2] == st.st_mtime:

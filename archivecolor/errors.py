@@ -43,3 +43,12 @@ class UsageError(ArchivecolorError):
 
 class LedgerError(ArchivecolorError):
     """The run's ledger cannot be read or written: the run stops, since it could not record more work."""
+
+
+def failure_reason(exc: BaseException, where: str | None = None) -> str:
+    """A per-file failure as one line: library errors already name the file and the fix; any other
+    exception is prefixed with ``where`` (the file, as printable text) and its type."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, ArchivecolorError):
+        return text
+    return f"{where + ': ' if where else ''}{type(exc).__name__}: {text}"

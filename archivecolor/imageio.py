@@ -70,6 +70,11 @@ class Scan:
         return self._lightness
 
 
+def printable_path(path: Path | str) -> str:
+    """A path as text that can always be stored and printed (undecodable bytes as ``\\xNN``)."""
+    return os.fsencode(Path(path).as_posix()).decode("utf-8", "backslashreplace")
+
+
 def is_junk(path: Path) -> bool:
     name = path.name.lower()
     return name.startswith(".") or name in JUNK_NAMES

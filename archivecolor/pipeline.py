@@ -134,6 +134,10 @@ class ReferenceCache:
             self.items.popitem(last=False)
         return ref
 
+    def load(self, path: Path, sha256: str, short_side: int, meta: dict | None = None) -> Reference:
+        """The reference at ``path`` (known by ``sha256``) prepared at ``short_side``, read once."""
+        return self.get(sha256, lambda: load_reference(path, sha256, short_side, meta))
+
 
 @dataclass
 class Prediction:

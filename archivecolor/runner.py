@@ -32,7 +32,14 @@ import numpy as np
 import sqlite_utils
 
 from archivecolor.catalog import Catalog, centre_square
-from archivecolor.errors import ArchivecolorError, CatalogError, ImageReadError, LedgerError, UsageError
+from archivecolor.errors import (
+    ArchivecolorError,
+    CatalogError,
+    ImageReadError,
+    LedgerError,
+    UsageError,
+    failure_reason,
+)
 from archivecolor.imageio import (
     DEFAULT_MAX_PIXELS,
     FORMAT_SUFFIX,
@@ -41,6 +48,7 @@ from archivecolor.imageio import (
     file_walk,
     is_temp_file,
     output_icc,
+    printable_path,
     read_image,
     to_upright,
     write_file,
@@ -53,7 +61,6 @@ from archivecolor.pipeline import (
     Reference,
     ReferenceCache,
     StageTimes,
-    load_reference,
     predict,
     read_colour_reference,
     render,
@@ -169,11 +176,6 @@ class RunReport:
                 "removed_temp_files": self.removed_temp_files,
                 "counts": {s: self.count(s) for s in ("done", "skipped", "failed", "planned")},
                 "stage_seconds": self.stage_seconds, "results": [asdict(r) for r in self.results]}
-
-
-def display_path(path: Path) -> str:
-    """A relative path as text that can always be stored and printed (undecodable bytes as ``\\xNN``)."""
-    return os.fsencode(path.as_posix()).decode("utf-8", "backslashreplace")
 
 
 class Ledger:
@@ -380,7 +382,7 @@ class ReferencePicker:
 
 def written_by_us(out_path: Path, output_rel: Path, ledger_row: dict | None) -> bool:
     """Whether an existing output (or its sidecar) is one this tool wrote, so that it may be replaced."""
-    if ledger_row and ledger_row.get("output") == display_path(output_rel):
+    if ledger_row and ledger_row.get("output") == printable_path(output_rel):
         return True
     sidecar = sidecar_path(out_path)
     try:
@@ -428,7 +430,7 @@ class _Job:
 
     @property
     def name(self) -> str:
-        return display_path(self.rel)
+        return printable_path(self.rel)
 
 
 @dataclass
@@ -439,15 +441,6 @@ class _Written:
     encode_s: float
 
 
-def one_line(exc: BaseException, path: Path | None = None) -> str:
-    """A per-file failure as one line that names the file (library errors already do)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if isinstance(exc, ArchivecolorError):
-        return text
-    where = f"{path}: " if path is not None else ""
-    return f"{where}{type(exc).__name__}: {text}"
-
-
 def _decode(path: Path, max_pixels: int) -> tuple[Scan | None, str | None, float]:
     t = time.perf_counter()
     try:
@@ -455,7 +448,7 @@ def _decode(path: Path, max_pixels: int) -> tuple[Scan | None, str | None, float
     except MemoryError:
         return None, f"{path}: out of memory while decoding; lower --jobs or --batch-size", time.perf_counter() - t
     except Exception as exc:  # one failure boundary per file
-        return None, one_line(exc, path), time.perf_counter() - t
+        return None, failure_reason(exc, printable_path(path)), time.perf_counter() - t
 
 
 def _prefetch(pool: ThreadPoolExecutor, paths: list[Path], depth: int, max_pixels: int) -> Iterator:
@@ -531,7 +524,7 @@ def _write_records(ctx: RunContext, job: _Job, out_path: Path, fmt: str, bit_dep
         warnings=warnings,
     )
     write_sidecar(out_path, doc)
-    result = FileResult(job.name, "done", display_path(job.output_rel), references=refs,
+    result = FileResult(job.name, "done", printable_path(job.output_rel), references=refs,
                         seconds=time.perf_counter() - job.t0, warnings=warnings)
     return _Written(result, out_sha, [{"path": r["path"], "sha256": r["sha256"]} for r in refs], encode_s)
 
@@ -548,20 +541,19 @@ def colorize_file(ctx: RunContext, source: Path, references: list[dict], cache: 
     t0 = time.perf_counter()
     scan, error, decode_s = _decode(source, ctx.options.max_pixels)
     if scan is None:
-        return FileResult(display_path(rel), "failed", reason=error or f"{source}: unreadable")
+        return FileResult(printable_path(rel), "failed", reason=error or f"{source}: unreadable")
     try:
         fmt = output_format(scan.format, ctx.options.format)
         key = file_key or ctx.file_key(",".join(r["sha256"] for r in references))
         job = _Job(rel, source, output_relpath(rel, fmt), fmt, sha256_file(source), key, scan, references,
                    target_l(scan, ctx.options.working_size), utc_now(), t0, decode_s)
-        loaded = [cache.get(r["sha256"], lambda r=r: load_reference(Path(r["path"]), r["sha256"], ctx.options.working_size, r))
-                  for r in references]
+        loaded = [cache.load(Path(r["path"]), r["sha256"], ctx.options.working_size, r) for r in references]
         prediction = predict(ctx.models, job.l_work, [loaded])[0]
         return write_outputs(ctx, job, prediction, loaded).result
     except MemoryError:
-        return FileResult(display_path(rel), "failed", reason=f"{source}: out of memory; lower --working-size")
+        return FileResult(printable_path(rel), "failed", reason=f"{source}: out of memory; lower --working-size")
     except Exception as exc:  # one failure boundary per file
-        return FileResult(display_path(rel), "failed", reason=one_line(exc, source))
+        return FileResult(printable_path(rel), "failed", reason=failure_reason(exc, printable_path(source)))
 
 
 def colorize_folder(
@@ -642,7 +634,7 @@ class _Batches:
         if self.ledger is not None:
             self.ledger.put(source=name, status="failed", reason=reason, **ledger_row)
 
-    def up_to_date(self, job_name: str, sha: str, file_key: str, out_path: Path, row: dict | None) -> bool:
+    def up_to_date(self, sha: str, file_key: str, out_path: Path, row: dict | None) -> bool:
         if not (row and row.get("status") == "done" and row.get("source_sha256") == sha and row.get("run_key") == file_key
                 and out_path.exists() and sidecar_path(out_path).exists()):
             return False
@@ -659,7 +651,7 @@ class _Batches:
         """Hash, check the ledger and choose references; returns a job, or None when the file is settled."""
         ctx, options = self.ctx, self.options
         rel = source.relative_to(ctx.scans_dir)
-        name = display_path(rel)
+        name = printable_path(rel)
         t0 = time.perf_counter() - decode_s
         self.extra["decode"] += decode_s
         t = time.perf_counter()
@@ -676,7 +668,7 @@ class _Batches:
         output_rel = output_relpath(rel, fmt)
         out_path = ctx.out_dir / output_rel
         if output_rel in self.claimed:
-            self.fail(name, f"{source}: output {display_path(output_rel)} would overwrite the output of "
+            self.fail(name, f"{source}: output {printable_path(output_rel)} would overwrite the output of "
                             f"{self.claimed[output_rel]}; rename one of them", source_sha256=sha)
             return None
         self.claimed[output_rel] = name
@@ -686,8 +678,8 @@ class _Batches:
         file_key = ctx.file_key(self.picker.identity(name))
         row = self.ledger.get(name) if self.ledger is not None else None
         if not options.dry_run:
-            if not options.overwrite and self.up_to_date(name, sha, file_key, out_path, row):
-                self.finish(FileResult(name, "skipped", display_path(output_rel), reason="up to date"))
+            if not options.overwrite and self.up_to_date(sha, file_key, out_path, row):
+                self.finish(FileResult(name, "skipped", printable_path(output_rel), reason="up to date"))
                 return None
             if (out_path.exists() or sidecar_path(out_path).exists()) and not written_by_us(out_path, output_rel, row):
                 self.fail(name, f"{out_path}: exists and was not written by archivecolor; refusing to replace it "
@@ -695,7 +687,7 @@ class _Batches:
                 return None
         references = self.picker.pick(name, scan, sha)
         if options.dry_run:
-            self.finish(FileResult(name, "planned", display_path(output_rel), references=references, warnings=scan.warnings))
+            self.finish(FileResult(name, "planned", printable_path(output_rel), references=references, warnings=scan.warnings))
             return None
         return _Job(rel, source, output_rel, fmt, sha, file_key, scan, references,
                     target_l(scan, options.working_size), utc_now(), t0, decode_s)
@@ -709,11 +701,10 @@ class _Batches:
         usable, loaded = [], []
         for job in jobs:
             try:
-                loaded.append([self.cache.get(r["sha256"], lambda r=r: load_reference(Path(r["path"]), r["sha256"], size, r))
-                               for r in job.references])
+                loaded.append([self.cache.load(Path(r["path"]), r["sha256"], size, r) for r in job.references])
                 usable.append(job)
             except Exception as exc:  # one failure boundary per file
-                self.fail(job.name, f"reference unusable: {one_line(exc)}", source_sha256=job.sha256)
+                self.fail(job.name, f"reference unusable: {failure_reason(exc)}", source_sha256=job.sha256)
         if not usable:
             return
         try:
@@ -723,7 +714,7 @@ class _Batches:
                 for job, refs in zip(usable, loaded):
                     self._predict_one(job, refs, pool)
                 return
-            self.fail(usable[0].name, f"{usable[0].source}: the networks failed on it ({one_line(exc)})",
+            self.fail(usable[0].name, f"{usable[0].source}: the networks failed on it ({failure_reason(exc)})",
                       source_sha256=usable[0].sha256)
             return
         for job, prediction, refs in zip(usable, predictions, loaded):
@@ -736,7 +727,7 @@ class _Batches:
             self.fail(job.name, f"{job.source}: out of memory in the networks; lower --working-size", source_sha256=job.sha256)
             return
         except Exception as exc:
-            self.fail(job.name, f"{job.source}: the networks failed on it ({one_line(exc)})", source_sha256=job.sha256)
+            self.fail(job.name, f"{job.source}: the networks failed on it ({failure_reason(exc)})", source_sha256=job.sha256)
             return
         self.writes.append((job, pool.submit(write_outputs, self.ctx, job, prediction, refs)))
 
@@ -753,7 +744,8 @@ class _Batches:
                 self.fail(job.name, f"{job.source}: out of memory while writing; lower --jobs", source_sha256=job.sha256)
                 continue
             except Exception as exc:  # one failure boundary per file
-                self.fail(job.name, one_line(exc, self.ctx.out_dir / job.output_rel), source_sha256=job.sha256)
+                where = printable_path(self.ctx.out_dir / job.output_rel)
+                self.fail(job.name, failure_reason(exc, where), source_sha256=job.sha256)
                 continue
             self.extra["recombine_encode"] += written.encode_s
             if self.ledger is not None:
@@ -771,7 +763,7 @@ class _Batches:
         options = self.options
         for path, kind in unusable:
             rel = path.relative_to(self.ctx.scans_dir) if self.ctx.scans_dir in path.parents else path
-            self.finish(FileResult(display_path(rel), "failed" if kind == "unreadable" else "skipped",
+            self.finish(FileResult(printable_path(rel), "failed" if kind == "unreadable" else "skipped",
                                    reason=f"{path}: {_WALK_REASONS[kind]}"))
         with ThreadPoolExecutor(max_workers=options.jobs) as pool:
             decoded = None if options.dry_run else _prefetch(pool, images, options.jobs, options.max_pixels)
@@ -785,7 +777,7 @@ class _Batches:
                 except (LedgerError, UsageError):
                     raise  # the run cannot record anything more, or cannot work at all: stop cleanly
                 except Exception as exc:  # one failure boundary per file
-                    self.fail(display_path(source.relative_to(self.ctx.scans_dir)), one_line(exc, source))
+                    self.fail(printable_path(source.relative_to(self.ctx.scans_dir)), failure_reason(exc, printable_path(source)))
                     continue
                 if job is None:
                     continue

@@ -18,7 +18,7 @@ from archivecolor.cli import app
 from archivecolor.errors import ArchivecolorError, UsageError
 from archivecolor.imageio import read_image
 from archivecolor.provenance import verify
-from archivecolor.runner import INTERRUPTED_EXIT, RunOptions, colorize_folder
+from archivecolor.runner import INTERRUPTED_EXIT, RunOptions, colorize_file, colorize_folder
 from tests.conftest import ROOT, colour_photos, gray_of
 
 runner = CliRunner()
@@ -51,6 +51,19 @@ def gray_scans(folder, photos, n=2):
     for i in range(n):
         Image.fromarray(gray_of(photos[i])).save(folder / f"scan{i}.png")
     return folder
+
+
+def indexed_catalogue(tmp_path, photos, which, home):
+    """A catalogue (tmp_path/cat.sqlite) of the colour ``photos[i]`` for i in ``which``, saved in tmp_path/refs."""
+    from archivecolor.catalog import index_references
+
+    refs = tmp_path / "refs"
+    refs.mkdir(exist_ok=True)
+    for i in which:
+        Image.fromarray(photos[i]).save(refs / f"r{i}.png")
+    catalog = tmp_path / "cat.sqlite"
+    index_references(refs, catalog, home=home)
+    return refs, catalog
 
 
 def by_source(report):
@@ -121,20 +134,14 @@ def test_the_ledger_keys_on_reference_content_not_paths(tmp_path, photos, refere
 
 
 def test_sidecar_certifies_the_reference_as_read_not_as_indexed(tmp_path, photos, models_home):
-    from archivecolor.catalog import index_references
-
-    refs = tmp_path / "refs"
-    refs.mkdir()
-    Image.fromarray(photos[5]).save(refs / "only.png")
-    catalog = tmp_path / "cat.sqlite"
-    index_references(refs, catalog, home=models_home)
-    Image.fromarray(photos[4]).save(refs / "only.png")  # changed after indexing
+    refs, catalog = indexed_catalogue(tmp_path, photos, [5], models_home)
+    Image.fromarray(photos[4]).save(refs / "r5.png")  # changed after indexing
     scans = gray_scans(tmp_path / "scans", photos, 1)
     out = tmp_path / "out"
     report = colorize_folder(scans, RunOptions(out=out, catalog=catalog))
     doc = json.loads((out / "scan0.png.json").read_text())
     assert report.count("done") == 1
-    assert doc["references"][0]["sha256"] == sha(refs / "only.png")
+    assert doc["references"][0]["sha256"] == sha(refs / "r5.png")
     assert any("changed since it was indexed" in w for w in doc["warnings"])
 
 
@@ -522,14 +529,7 @@ def test_an_unwritable_output_folder_is_one_error_line(tmp_path, photos, referen
 
 
 def test_index_and_run_at_once_on_one_catalogue_both_finish(tmp_path, photos, models_home):
-    from archivecolor.catalog import index_references
-
-    refs = tmp_path / "refs"
-    refs.mkdir()
-    for i in range(3):
-        Image.fromarray(photos[i + 3]).save(refs / f"r{i}.png")
-    catalog = tmp_path / "cat.sqlite"
-    index_references(refs, catalog, home=models_home)
+    _, catalog = indexed_catalogue(tmp_path, photos, [3, 4, 5], models_home)
     more = tmp_path / "more"
     more.mkdir()
     for i in range(3):
@@ -577,12 +577,7 @@ def test_unreadable_scans_and_folders_are_reported(tmp_path, photos, reference, 
 def test_a_changed_catalogue_redoes_the_retrieved_outputs(tmp_path, photos, models_home):
     from archivecolor.catalog import index_references
 
-    refs = tmp_path / "refs"
-    refs.mkdir()
-    for i in range(2):
-        Image.fromarray(photos[i + 3]).save(refs / f"r{i}.png")
-    catalog = tmp_path / "cat.sqlite"
-    index_references(refs, catalog, home=models_home)
+    refs, catalog = indexed_catalogue(tmp_path, photos, [3, 4], models_home)
     scans = gray_scans(tmp_path / "scans", photos, 2)
     out = tmp_path / "out"
     assert colorize_folder(scans, RunOptions(out=out, catalog=catalog)).count("done") == 2
@@ -590,3 +585,26 @@ def test_a_changed_catalogue_redoes_the_retrieved_outputs(tmp_path, photos, mode
     Image.fromarray(photos[5]).save(refs / "r2.png")  # a new reference could now be retrieved
     index_references(refs, catalog, home=models_home)
     assert colorize_folder(scans, RunOptions(out=out, catalog=catalog)).count("done") == 2
+
+
+def test_colorize_file_is_the_same_core_as_the_folder_run(tmp_path, photos, reference, models_home):
+    from archivecolor.pipeline import Models, ReferenceCache
+    from archivecolor.runner import RunContext
+
+    scans = gray_scans(tmp_path / "scans", photos, 2)
+    colorize_folder(scans, RunOptions(out=tmp_path / "folder", reference=reference))
+    options = RunOptions(out=tmp_path / "single", reference=reference)
+    models = Models.open("cpu", models_home)
+    ctx = RunContext.create(scans, tmp_path / "single", options, models)
+    refs = [{"path": str(reference.resolve()), "sha256": sha(reference), "similarity": None, "catalog_id": None}]
+    cache = ReferenceCache(models)
+    for name in ("scan0.png", "scan1.png"):
+        result = colorize_file(ctx, scans / name, refs, cache)
+        assert result.status == "done" and result.output == name
+        assert np.array_equal(read_image(tmp_path / "single" / name).pixels, read_image(tmp_path / "folder" / name).pixels)
+        doc = json.loads((tmp_path / "single" / (name + ".json")).read_text())
+        assert doc["output"]["sha256"] == sha(tmp_path / "single" / name)
+    bad = scans / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    failed = colorize_file(ctx, bad, refs, cache)
+    assert failed.status == "failed" and "broken.png" in failed.reason and "\n" not in failed.reason
