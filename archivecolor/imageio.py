@@ -251,10 +251,11 @@ def read_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Scan:
 def file_walk(root: Path) -> Iterator[tuple[Path, str]]:
     """Yield (path, kind) under ``root``, sorted; kind is image, junk, other, or a reason not to read it.
 
-    Only regular files are images: a FIFO or device with an image name would hang a reader. Symbolic
-    links are followed only while they stay inside ``root`` (no loops, no walking off to ``/``); those
-    that leave it, and folders that cannot be listed, are yielded with kind ``outside`` or
-    ``unreadable`` so that the caller can say so.
+    Only regular files are images: a FIFO or device with an image name would hang a reader. Links to
+    files are followed wherever they point (a folder of links is a common way to curate a set); links to
+    folders only while they stay inside ``root`` (no loops, no walking off to ``/``). Folders that leave
+    it, and folders that cannot be listed, are yielded with kind ``outside`` or ``unreadable`` so that
+    the caller can say so.
     """
     root_real = Path(os.path.realpath(root))
     seen: set[tuple[int, int]] = set()
@@ -286,8 +287,6 @@ def file_walk(root: Path) -> Iterator[tuple[Path, str]]:
                 yield path, "junk"
             elif not is_image_path(path):
                 yield path, "other"
-            elif path.is_symlink() and not inside(path):
-                yield path, "outside"
             elif not _is_regular_file(path):
                 yield path, "special"
             else:

@@ -87,7 +87,7 @@ _XMP_FORMATS = {"JPEG", "PNG", "TIFF", "WEBP"}
 PENDING_PIXEL_LIMIT = 300_000_000  # decoded pixels held while waiting for a full batch
 INTERRUPTED_EXIT = 130  # the shell's convention for a run stopped by Ctrl-C
 _WALK_REASONS = {
-    "outside": "a symbolic link that leaves the scans folder; not followed",
+    "outside": "a linked folder outside the scans folder; not followed",
     "special": "not a regular file (a FIFO, socket or device); not read",
     "unreadable": "a folder that cannot be listed; check its permissions",
 }

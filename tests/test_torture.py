@@ -236,12 +236,14 @@ def test_never_replaces_files_it_did_not_write(tmp_path, photos, reference, mode
     assert colorize_folder(scans, RunOptions(out=out, reference=reference, overwrite=True)).count("done") == 2
 
 
-def test_fifos_device_links_and_escaping_links_are_skipped_with_a_reason(tmp_path, photos, reference, models_home):
+def test_fifos_device_links_and_escaping_folder_links_are_skipped_with_a_reason(tmp_path, photos, reference, models_home):
     scans = gray_scans(tmp_path / "scans", photos, 1)
     os.mkfifo(scans / "pipe.png")
     (scans / "zero.jpg").symlink_to("/dev/zero")
     (scans / "everything").symlink_to("/")
     (scans / "inside.png").symlink_to(scans / "scan0.png")
+    Image.fromarray(gray_of(photos[2])).save(tmp_path / "elsewhere.png")
+    (scans / "linked.png").symlink_to(tmp_path / "elsewhere.png")
     (scans / "loop").symlink_to(scans)
     name = os.fsdecode(b"caf\xe9 \n name.png")  # not UTF-8, with a space and a newline
     Image.fromarray(gray_of(photos[1])).save(os.path.join(os.fsencode(scans), os.fsencode(name)))
@@ -256,9 +258,9 @@ def test_fifos_device_links_and_escaping_links_are_skipped_with_a_reason(tmp_pat
                           env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr
     lines = {line.split(" | ")[1]: line for line in proc.stdout.splitlines()}
-    assert lines["scan0.png"].startswith("done") and lines["inside.png"].startswith("done")
-    assert "not a regular file" in lines["pipe.png"]
-    assert "leaves the scans folder" in lines["zero.jpg"] and "leaves the scans folder" in lines["everything"]
+    assert all(lines[name].startswith("done") for name in ("scan0.png", "inside.png", "linked.png"))
+    assert "not a regular file" in lines["pipe.png"] and "not a regular file" in lines["zero.jpg"]
+    assert "outside the scans folder" in lines["everything"]
     odd = [k for k in lines if k.startswith("caf")]
     assert len(odd) == 1 and lines[odd[0]].startswith("done") and "\\xe9" in odd[0]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -199,6 +200,8 @@ class Trainer:
             task = bar.add_task("epochs", total=total, completed=self.epoch)
             while self.epoch < total:
                 started = time.time()
+                for group in self.optimiser.param_groups:
+                    group["lr"] = self.config.lr_at(self.epoch, total)
                 rows = self.epoch_rows()
                 running = 0.0
                 steps = 0
@@ -217,9 +220,12 @@ class Trainer:
                 bar.remove_task(sub)
                 self.epoch += 1
                 record = {"epoch": self.epoch, "train_loss": running / max(1, steps),
+                          "lr": self.optimiser.param_groups[0]["lr"],
                           "seconds": round(time.time() - started, 1), **self.validate()}
                 self.history.append(record)
                 self.save()
+                if self.config.keep_epochs:
+                    shutil.copyfile(self.out / "last.pt", self.out / f"epoch{self.epoch}.pt")
                 self.console.print(
                     f"epoch {record['epoch']}: loss {record['train_loss']:.4f} val PSNR {record['val_psnr']:.2f} dB "
                     f"(gray {record['val_psnr_gray']:.2f}, warp {record['val_psnr_warp']:.2f}) "
