@@ -8,7 +8,6 @@ its embeddings were made with: mixing backbones is refused.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import sqlite3
@@ -22,9 +21,9 @@ import numpy as np
 import sqlite_utils
 from PIL import Image
 
-from archivecolor.color import is_near_gray, normalise_l, to_uint8
+from archivecolor.color import is_near_gray, normalise_l
 from archivecolor.errors import CatalogError, ImageReadError, failure_reason
-from archivecolor.imageio import file_walk, printable_path, read_image, to_upright
+from archivecolor.imageio import file_walk, preview_jpeg, printable_path, read_image, to_upright
 from archivecolor.models.weights import sha256_file
 from archivecolor.upsample import resize_plane
 
@@ -94,13 +93,6 @@ def centre_square(lightness: np.ndarray, size: int = EMBED_SIZE) -> np.ndarray:
     top, left = (h - s) // 2, (w - s) // 2
     return normalise_l(resize_plane(lightness[top : top + s, left : left + s], size, size))[None, None]
 
-
-def _thumbnail(pixels: np.ndarray) -> bytes:
-    im = Image.fromarray(to_uint8(pixels))
-    im.thumbnail((THUMB_SIZE, THUMB_SIZE))
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=80)
-    return buf.getvalue()
 
 
 def _date_taken(exif: bytes | None) -> str | None:
@@ -300,7 +292,7 @@ class Catalog:
             "path": resolved, "sha256": digest, "size": st.st_size, "mtime": st.st_mtime,
             "width": scan.width, "height": scan.height, "date_taken": _date_taken(scan.exif),
             "collection": collection, "tags": tag_text, "indexed_at": datetime.now(UTC).isoformat(),
-            "thumbnail": _thumbnail(to_upright(scan.pixels, scan.orientation)),
+            "thumbnail": preview_jpeg(to_upright(scan.pixels, scan.orientation), THUMB_SIZE, quality=80),
         }
         if row is not None:
             record["id"] = row[0]
@@ -466,12 +458,23 @@ def search_image(
     provider: str = "auto", home: Path | None = None,
 ) -> list[Match]:
     """The catalogue's nearest references to ``image`` (its gray L), best first."""
+    return search_images([image], catalog, k, collection, tag, provider, home)[0]
+
+
+def search_images(
+    images: list[Path], catalog: Path | None = None, k: int = 5, collection: str | None = None, tag: str | None = None,
+    provider: str = "auto", home: Path | None = None,
+) -> list[list[Match]]:
+    """The catalogue's nearest references to each image (its gray L), best first, never the image itself."""
     from archivecolor.models.registry import DEFAULT_BACKBONE
 
-    scan = read_image(image)
     session = _features_session(provider, home)
     with Catalog.open(catalog) as cat:
         cat.check_model(DEFAULT_BACKBONE, session.model.sha256, DEFAULT_EMBEDDING)
-        query = session.run({"l": centre_square(to_upright(scan.lightness(), scan.orientation))},
-                            [f"embedding_{DEFAULT_EMBEDDING}"])[0]
-        return cat.search(query, k, collection=collection, tag=tag, exclude_sha256={sha256_file(image)})[0]
+        results = []
+        for image in images:
+            scan = read_image(image)
+            query = session.run({"l": centre_square(to_upright(scan.lightness(), scan.orientation))},
+                                [f"embedding_{DEFAULT_EMBEDDING}"])[0]
+            results.append(cat.search(query, k, collection=collection, tag=tag, exclude_sha256={sha256_file(image)})[0])
+        return results

@@ -354,6 +354,42 @@ def verify(
 
 @app.command()
 @errors_handled
+def review(
+    out_dir: Path = typer.Argument(..., help="an output folder written by `archivecolor run`"),
+    catalog: Path = CatalogOpt,
+    candidates: bool = typer.Option(True, "--candidates/--no-candidates",
+                                    help="retrieve catalogue candidates for scans coloured from fixed or mapped references"),
+    open_browser: bool = typer.Option(False, "--open", help="open the review in the default browser"),
+    provider: str = ProviderOpt,
+    jobs: int = typer.Option(2, "--jobs", min=1, help="threads making thumbnails"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Write a self-contained review gallery to OUT_DIR/review/index.html: each scan beside its output,
+    the references used, the catalogue's other candidates; approve, reject or re-pick, then export
+    decisions.csv for `run --mapping`.
+
+    Example: archivecolor review ./scans-colorized --open
+    """
+    from archivecolor.review import build_review
+
+    with _progress(quiet) as bar:
+        task = bar.add_task("thumbnails", total=None, rate="")
+        report = build_review(out_dir, catalog, candidates, provider,
+                              progress=lambda done, total: bar.update(task, completed=done, total=total), jobs=jobs)
+    for problem in report.problems:
+        err.print(f"warning: {problem}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"{report.cards} scans ({report.failed} failed), {report.images_made} images made, "
+                  f"{report.images_reused} reused, candidates retrieved for {report.candidates_computed}",
+                  markup=False, highlight=False)
+    console.print(str(report.index), markup=False, highlight=False, soft_wrap=True)
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(report.index.resolve().as_uri())
+
+
+@app.command()
+@errors_handled
 def bench(
     testsets: list[Path] = typer.Argument(None, help="folders of colour ground-truth photos"),
     catalog: Path = CatalogOpt,

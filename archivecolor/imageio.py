@@ -248,6 +248,32 @@ def read_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Scan:
     return scan
 
 
+def read_upright_preview(path: Path, long_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The image at ``path``, upright, at least ``long_side`` on its long side where it is that large;
+    JPEGs decode at a reduced scale (fast), other formats in full."""
+    try:
+        with _open_pillow(path, max_pixels) as im:
+            if im.format == "JPEG" and im.mode in ("L", "RGB"):
+                im.draft(im.mode, (long_side, long_side))
+                orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+                return to_upright(np.asarray(im), orientation if 1 <= orientation <= 8 else 1)
+    except ImageReadError:
+        raise
+    except Exception:  # Pillow cannot open it; the full reader may (16-bit TIFF)
+        pass
+    scan = read_image(path, max_pixels)
+    return to_upright(scan.pixels, scan.orientation)
+
+
+def preview_jpeg(pixels: np.ndarray, long_side: int, quality: int = 82) -> bytes:
+    """An 8-bit JPEG of (H, W[, 3]) pixels, shrunk to ``long_side`` at most (for thumbnails and reviews)."""
+    im = Image.fromarray(np.ascontiguousarray(to_uint8(pixels)))
+    im.thumbnail((long_side, long_side))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def file_walk(root: Path) -> Iterator[tuple[Path, str]]:
     """Yield (path, kind) under ``root``, sorted; kind is image, junk, other, or a reason not to read it.
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -146,9 +148,9 @@ def make_sidecar(
     *, source_root: str, source_rel: str, source_sha256: str, scan_info: dict, output_rel: str,
     output_sha256: str, output_format: str, output_bit_depth: int, xmp_embedded: bool, xmp_sidecar: str | None,
     references: list[dict], models: dict[str, str], backbone: str, provider: str, parameters: dict,
-    started: str, finished: str, durations: dict[str, float], warnings: list[str],
+    started: str, finished: str, durations: dict[str, float], warnings: list[str], candidates: list[dict] | None = None,
 ) -> dict:
-    return {
+    document = {
         "schema": SIDECAR_SCHEMA, "schema_version": SCHEMA_VERSION, "archivecolor_version": __version__,
         "source": {"root": source_root, "path": source_rel, "sha256": source_sha256, **scan_info},
         "output": {"path": output_rel, "sha256": output_sha256, "format": output_format,
@@ -158,6 +160,9 @@ def make_sidecar(
         "durations_s": {k: round(v, 4) for k, v in durations.items()}, "warnings": warnings,
         "digital_source_type": DIGITAL_SOURCE_TYPE,
     }
+    if candidates:
+        document["candidates"] = candidates
+    return document
 
 
 @dataclass
@@ -195,6 +200,25 @@ def read_sidecar(path: Path) -> dict | None:
     return doc
 
 
+def sidecars(out_dir: Path, unreadable: list[str]) -> Iterator[dict]:
+    """Every sidecar document under ``out_dir``, in path order; those that cannot be read are named in
+    ``unreadable``, and JSON files that are not sidecars are passed over."""
+    for sidecar in sorted(out_dir.rglob(f"*{SIDECAR_SUFFIX}")):
+        try:
+            doc = read_sidecar(sidecar)
+        except (OSError, ValueError) as exc:
+            unreadable.append(f"{sidecar}: {exc}")
+            continue
+        if doc is not None:
+            yield doc
+
+
+def is_review_image(out_dir: Path, path: Path) -> bool:
+    """A thumbnail or preview of ``archivecolor review`` (named by content under OUT_DIR/review/img)."""
+    rel = path.relative_to(out_dir).parts
+    return len(rel) == 3 and rel[:2] == ("review", "img") and re.fullmatch(r"[0-9a-f]{32}-[a-z]\.jpg", rel[2]) is not None
+
+
 def verify(out_dir: Path, scans_dir: Path | None = None) -> VerifyReport:
     """Re-hash every output, its source and its references against their sidecars; list orphaned
     outputs and temp files left by killed runs.
@@ -211,14 +235,7 @@ def verify(out_dir: Path, scans_dir: Path | None = None) -> VerifyReport:
             hashes[path] = sha256_file(path) if path.is_file() else None
         return hashes[path]
 
-    for sidecar in sorted(out_dir.rglob(f"*{SIDECAR_SUFFIX}")):
-        try:
-            doc = read_sidecar(sidecar)
-        except (OSError, ValueError) as exc:
-            report.unreadable.append(f"{sidecar}: {exc}")
-            continue
-        if doc is None:
-            continue
+    for doc in sidecars(out_dir, report.unreadable):
         output = out_dir / doc["output"]["path"]
         root = scans_dir if scans_dir is not None else out_dir / doc["source"]["root"]
         source = root / doc["source"]["path"]
@@ -237,7 +254,7 @@ def verify(out_dir: Path, scans_dir: Path | None = None) -> VerifyReport:
         else:
             report.ok.append(rel)
     for path, kind in file_walk(out_dir):
-        if kind == "image" and path.resolve() not in with_sidecar:
+        if kind == "image" and path.resolve() not in with_sidecar and not is_review_image(out_dir, path):
             report.orphaned.append(str(path.relative_to(out_dir)))
     report.temp_files = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob(".*") if p.is_file() and is_temp_file(p))
     return report

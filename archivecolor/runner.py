@@ -85,6 +85,7 @@ _FORMAT_SUFFIXES = {"JPEG": {".jpg", ".jpeg"}, "PNG": {".png"}, "TIFF": {".tif",
                     "WEBP": {".webp"}}
 _XMP_FORMATS = {"JPEG", "PNG", "TIFF", "WEBP"}
 PENDING_PIXEL_LIMIT = 300_000_000  # decoded pixels held while waiting for a full batch
+CANDIDATES = 5  # catalogue candidates recorded per scan, for review and re-picking
 INTERRUPTED_EXIT = 130  # the shell's convention for a run stopped by Ctrl-C
 _WALK_REASONS = {
     "outside": "a linked folder outside the scans folder; not followed",
@@ -197,6 +198,11 @@ class Ledger:
         rows = list(self.table.rows_where("source = ?", [source]))
         return rows[0] if rows else None
 
+    def rows(self, status: str | None = None) -> list[dict]:
+        if not self.table.exists():
+            return []
+        return list(self.table.rows_where("status = ?", [status]) if status else self.table.rows)
+
     def put(self, **row: object) -> None:
         row["updated"] = utc_now()
         try:
@@ -282,11 +288,15 @@ def output_relpath(rel: Path, fmt: str) -> Path:
     return rel if rel.suffix.lower() in _FORMAT_SUFFIXES[fmt] else rel.with_suffix(FORMAT_SUFFIX[fmt])
 
 
-def read_mapping(path: Path, scans_dir: Path) -> dict[str, Path]:
-    """A ``scan,reference`` CSV: scan relative to SCANS_DIR, reference absolute or relative to the CSV."""
+def read_mapping(path: Path, scans_dir: Path) -> dict[str, list[Path]]:
+    """A ``scan,reference`` CSV: scan relative to SCANS_DIR, reference absolute or relative to the CSV.
+
+    A scan listed on several rows is coloured from all those references, in row order; other columns
+    (such as the review's ``approved``) are ignored.
+    """
     if not path.is_file():
         raise UsageError(f"{path}: no such mapping file; pass a CSV with columns scan,reference")
-    mapping: dict[str, Path] = {}
+    mapping: dict[str, list[Path]] = {}
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
@@ -303,7 +313,7 @@ def read_mapping(path: Path, scans_dir: Path) -> dict[str, Path]:
                 ref = ref if ref.is_absolute() else (path.parent / ref)
                 if not ref.is_file():
                     raise UsageError(f"{path}:{line}: reference {ref} does not exist; fix the row or the path")
-                mapping[scan_path.as_posix()] = ref
+                mapping.setdefault(scan_path.as_posix(), []).append(ref)
     except (UnicodeDecodeError, csv.Error, ValueError) as exc:
         raise UsageError(f"{path}: not a readable UTF-8 CSV ({exc}); save it as CSV with columns scan,reference") from exc
     return mapping
@@ -316,7 +326,7 @@ class ReferencePicker:
         self.options = options
         self.models = models
         self.catalog: Catalog | None = None
-        self.mapping: dict[str, Path] = {}
+        self.mapping: dict[str, list[Path]] = {}
         self._hashes: dict[Path, str] = {}
         self._fingerprint: str | None = None
         chosen = [x for x in (options.reference, options.mapping) if x is not None]
@@ -349,31 +359,39 @@ class ReferencePicker:
     def _fixed(self, path: Path) -> dict:
         return {"path": str(Path(path).resolve()), "sha256": self.file_hash(path), "similarity": None, "catalog_id": None}
 
+    def known_references(self, rel: str) -> list[Path] | None:
+        """The scan's references where they are known without retrieval (fixed or mapped), else None."""
+        if self.options.reference is not None:
+            return [Path(self.options.reference)]
+        if self.mapping:
+            return self.mapping.get(rel, [])
+        return None
+
     def identity(self, rel: str) -> str:
         """What decides this scan's references, by content, without retrieving them (keys the ledger)."""
-        if self.options.reference is not None:
-            return "fixed:" + self.file_hash(self.options.reference)
-        if self.mapping:
-            ref = self.mapping.get(rel)
-            return "mapped:" + (self.file_hash(ref) if ref is not None else "none")
+        known = self.known_references(rel)
+        if known is not None:
+            return "references:" + ",".join(self.file_hash(ref) for ref in known)
         assert self.catalog is not None
         if self._fingerprint is None:
             self._fingerprint = self.catalog.fingerprint(self.options.collection)
         return "catalogue:" + self._fingerprint
 
-    def pick(self, rel: str, scan: Scan, source_sha256: str) -> list[dict]:
+    def pick(self, rel: str, scan: Scan, source_sha256: str) -> tuple[list[dict], list[dict]]:
+        """The scan's references, and the catalogue's best candidates for it (empty unless retrieved)."""
         if self.options.reference is not None:
-            return [self._fixed(self.options.reference)]
+            return [self._fixed(self.options.reference)], []
         if self.mapping:
             if rel not in self.mapping:
                 raise ArchivecolorError(f"{rel}: not listed in the mapping {self.options.mapping}; add a row for it")
-            return [self._fixed(self.mapping[rel])]
+            return [self._fixed(ref) for ref in self.mapping[rel]], []
         assert self.catalog is not None and self.models is not None
         query = self.models.embed(centre_square(to_upright(scan.lightness(), scan.orientation)))
-        matches = self.catalog.search(query, self.options.top_k, collection=self.options.collection,
+        matches = self.catalog.search(query, max(self.options.top_k, CANDIDATES), collection=self.options.collection,
                                       exclude_sha256={source_sha256})[0]
-        return [{"path": m.path, "sha256": m.sha256, "similarity": round(m.similarity, 4), "catalog_id": m.id}
-                for m in matches]
+        candidates = [{"path": m.path, "sha256": m.sha256, "similarity": round(m.similarity, 4), "catalog_id": m.id}
+                      for m in matches]
+        return candidates[: self.options.top_k], candidates
 
     def close(self) -> None:
         if self.catalog is not None:
@@ -402,15 +420,24 @@ class RunContext:
     options: RunOptions
     models: Models
     run_key: str  # models + ledger parameters; each file's key adds its references' identity
+    output_key: str  # what else decides the pixels: models, working size, format
 
     @classmethod
     def create(cls, scans_dir: Path, out_dir: Path, options: RunOptions, models: Models) -> RunContext:
-        key = hashlib.sha256(json.dumps({"models": models.hashes(), **options.ledger_parameters()},
-                                        sort_keys=True).encode()).hexdigest()
-        return cls(scans_dir, out_dir, options, models, key)
+        def digest(record: dict) -> str:
+            return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+        run_key = digest({"models": models.hashes(), **options.ledger_parameters()})
+        output_key = digest({"models": models.hashes(), "working_size": options.working_size, "format": options.format})
+        return cls(scans_dir, out_dir, options, models, run_key, output_key)
 
     def file_key(self, reference_identity: str) -> str:
         return hashlib.sha256(f"{self.run_key}:{reference_identity}".encode()).hexdigest()
+
+    def content_key(self, reference_sha256s: list[str]) -> str:
+        """The output's identity whatever chose its references: a mapping that names the references a
+        catalogue run retrieved leaves that output up to date."""
+        return hashlib.sha256(f"{self.output_key}:{','.join(reference_sha256s)}".encode()).hexdigest()
 
 
 @dataclass
@@ -427,6 +454,7 @@ class _Job:
     started: str
     t0: float
     decode_s: float
+    candidates: list[dict] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -521,7 +549,7 @@ def _write_records(ctx: RunContext, job: _Job, out_path: Path, fmt: str, bit_dep
         parameters=options.parameters() | {"batch_size": options.batch_size, "jobs": options.jobs},
         started=job.started, finished=utc_now(),
         durations={"decode": job.decode_s, "recombine_encode": encode_s, "total": time.perf_counter() - job.t0},
-        warnings=warnings,
+        warnings=warnings, candidates=job.candidates,
     )
     write_sidecar(out_path, doc)
     result = FileResult(job.name, "done", printable_path(job.output_rel), references=refs,
@@ -634,8 +662,9 @@ class _Batches:
         if self.ledger is not None:
             self.ledger.put(source=name, status="failed", reason=reason, **ledger_row)
 
-    def up_to_date(self, sha: str, file_key: str, out_path: Path, row: dict | None) -> bool:
-        if not (row and row.get("status") == "done" and row.get("source_sha256") == sha and row.get("run_key") == file_key
+    def up_to_date(self, sha: str, file_key: str, content_key: str | None, out_path: Path, row: dict | None) -> bool:
+        if not (row and row.get("status") == "done" and row.get("source_sha256") == sha
+                and (row.get("run_key") == file_key or (content_key and row.get("content_key") == content_key))
                 and out_path.exists() and sidecar_path(out_path).exists()):
             return False
         if sha256_file(out_path) != row.get("output_sha256"):
@@ -676,21 +705,23 @@ class _Batches:
             self.finish(FileResult(name, "skipped", reason="already a colour image; nothing to colorize"))
             return None
         file_key = ctx.file_key(self.picker.identity(name))
+        known = self.picker.known_references(name)
+        content_key = ctx.content_key([self.picker.file_hash(r) for r in known]) if known else None
         row = self.ledger.get(name) if self.ledger is not None else None
         if not options.dry_run:
-            if not options.overwrite and self.up_to_date(sha, file_key, out_path, row):
+            if not options.overwrite and self.up_to_date(sha, file_key, content_key, out_path, row):
                 self.finish(FileResult(name, "skipped", printable_path(output_rel), reason="up to date"))
                 return None
             if (out_path.exists() or sidecar_path(out_path).exists()) and not written_by_us(out_path, output_rel, row):
                 self.fail(name, f"{out_path}: exists and was not written by archivecolor; refusing to replace it "
                                 f"(choose an empty --out, or move that file away)", source_sha256=sha)
                 return None
-        references = self.picker.pick(name, scan, sha)
+        references, candidates = self.picker.pick(name, scan, sha)
         if options.dry_run:
             self.finish(FileResult(name, "planned", printable_path(output_rel), references=references, warnings=scan.warnings))
             return None
         return _Job(rel, source, output_rel, fmt, sha, file_key, scan, references,
-                    target_l(scan, options.working_size), utc_now(), t0, decode_s)
+                    target_l(scan, options.working_size), utc_now(), t0, decode_s, candidates)
 
     # --- batching -------------------------------------------------------------------------------
     def run_bucket(self, key: tuple[int, int], pool: ThreadPoolExecutor) -> None:
@@ -752,6 +783,7 @@ class _Batches:
                 st = job.source.stat()
                 self.ledger.put(source=job.name, source_sha256=job.sha256, size=st.st_size, mtime=st.st_mtime,
                                 run_key=job.file_key, output=written.result.output, output_sha256=written.output_sha256,
+                                content_key=self.ctx.content_key([r["sha256"] for r in written.references]),
                                 references=json.dumps(written.references), status="done", reason="")
             self.finish(written.result)
         self.writes[:] = keep
