@@ -194,6 +194,13 @@ def test_approve_key_marks_the_card_and_survives_a_reload(page):
     card = driver.find_element("css selector", f'.card[data-scan="{second}"]')
     assert card.get_attribute("data-decision") == "approved"
     assert "approved" in card.find_element("css selector", ".decision").text
+    driver.find_element("tag name", "body").send_keys(Keys.ARROW_RIGHT, "f")  # the first card is the failed one
+    full = driver.find_element("id", "full")
+    assert full.is_displayed() and len(full.find_elements("css selector", "img")) == 2
+    driver.find_element("tag name", "body").send_keys("s")
+    assert "side" in full.get_attribute("class")
+    driver.find_element("tag name", "body").send_keys(Keys.ESCAPE)
+    assert not full.is_displayed()
 
 
 @pytest.mark.browser
