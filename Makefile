@@ -15,7 +15,7 @@ $(VENV)/.base: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[train,bench,dev]'
+	$(BIN)/pip install -q -e '.[train,bench,dev,ray]'
 	touch $@ $(VENV)/.base
 
 demo: $(VENV)/.base

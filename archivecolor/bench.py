@@ -614,3 +614,61 @@ def default_download_dir(home: Path | None = None) -> Path:
     return (home or archivecolor_home()) / "downloads"
 
 
+
+
+# --- speed ----------------------------------------------------------------------------------------
+
+_SPEED_CHILD = "import sys; from archivecolor.bench import speed_child; speed_child(sys.stdin.read())"
+
+
+def speed_child(request: str) -> None:
+    """One timed run in a fresh process (so that peak RSS and start-up are its own): JSON in, JSON out."""
+    import dataclasses
+
+    from archivecolor.runner import RunOptions, colorize_folder
+
+    args = json.loads(request)
+    fields = {f.name for f in dataclasses.fields(RunOptions)}
+    options = RunOptions(**{k: (Path(v) if k in ("out", "catalog", "reference", "mapping", "home") and v else v)
+                            for k, v in args["options"].items() if k in fields})
+    report = colorize_folder(args["scans"], options)
+    print(json.dumps({"seconds": report.seconds, "stage_seconds": report.stage_seconds,
+                      "counts": report.as_dict()["counts"],
+                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+
+
+def run_speed(scans: Path, options: dict, repeat: int = 3, work_dir: Path | None = None) -> dict:
+    """Colorize ``scans`` ``repeat`` times, each in a fresh process writing a fresh output folder.
+
+    ``options``: RunOptions fields (catalog, reference, top_k, working_size, ...). Returns each run's
+    wall seconds, scans/s and peak RSS, the median run's stage seconds (they add up to its wall time:
+    "other" is the rest), and the median scans/s.
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    scans = Path(scans)
+    if not scans.is_dir():
+        raise UsageError(f"--speed {scans}: not a folder; pass a folder of gray scans")
+    runs = []
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        for i in range(repeat):
+            request = json.dumps({"scans": str(scans), "options": {**options, "out": str(Path(tmp) / f"out{i}")}},
+                                 default=str)
+            proc = subprocess.Popen([sys.executable, "-c", _SPEED_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+            stdout, stderr = proc.communicate(request)
+            if proc.returncode:
+                raise UsageError(f"--speed {scans}: the timed run failed: {stderr.strip().splitlines()[-1:]}")
+            result = json.loads(stdout.strip().splitlines()[-1])
+            done = result["counts"]["done"]
+            if not done:
+                raise UsageError(f"--speed {scans}: no scan was colorized ({result['counts']}); pass a folder of gray scans")
+            result["scans_per_s"] = round(done / result["seconds"], 3)
+            runs.append(result)
+    order = sorted(range(len(runs)), key=lambda i: runs[i]["seconds"])
+    median = runs[order[len(order) // 2]]
+    return {"scans": str(scans), "options": options, "repeat": repeat, "runs": runs,
+            "median_scans_per_s": median["scans_per_s"], "median_seconds": round(median["seconds"], 3),
+            "stage_seconds": median["stage_seconds"], "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}

@@ -12,7 +12,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -228,11 +228,6 @@ class Catalog:
         """Index the colour photos under ``ref_dir``. ``embed`` maps (B, 1, 224, 224) L/100 to (B, 512)."""
         started = time.perf_counter()
         report = IndexReport()
-        entries = list(file_walk(ref_dir))
-        images = [p for p, kind in entries if kind == "image"]
-        report.skipped_junk = sum(kind == "junk" for _, kind in entries)
-        report.skipped_non_image = sum(kind == "other" for _, kind in entries)
-        tag_text = json.dumps(sorted(tags or []))
         pending: list[tuple[dict, np.ndarray]] = []
 
         def flush() -> None:
@@ -246,16 +241,13 @@ class Catalog:
             pending.clear()
             self._matrix = None
 
-        for n, path in enumerate(images, 1):
-            if progress:
-                progress(n, len(images), str(path))
+        for path, record in self.plan_folder(ref_dir, collection, tags, report, progress):
             try:
-                self._index_one(path, collection, tags, tag_text, report, pending)
-            except (sqlite3.OperationalError, CatalogError):
-                raise  # the catalogue itself cannot be written: stop, keeping committed batches
+                fields, lightness = prepare_photo(path)
             except Exception as exc:  # one failure boundary per file
                 report.failed.append((printable_path(path), failure_reason(exc, printable_path(path))))
                 continue
+            self.add_prepared({**record, **fields}, lightness, report, pending)
             if len(pending) >= batch_size:
                 flush()
         flush()
@@ -264,9 +256,32 @@ class Catalog:
         report.seconds = time.perf_counter() - started
         return report
 
-    def _index_one(self, path: Path, collection: str | None, tags: list[str] | None, tag_text: str,
-                   report: IndexReport, pending: list[tuple[dict, np.ndarray]]) -> None:
-        """Record one photo, or queue it for embedding in ``pending``."""
+    def plan_folder(self, ref_dir: Path, collection: str | None, tags: list[str] | None, report: IndexReport,
+                    progress: Callable[[int, int, str], None] | None = None) -> Iterator[tuple[Path, dict]]:
+        """Walk ``ref_dir`` and yield each photo that needs reading, with its record so far; settled ones
+        (unchanged, re-labelled, moved) and unreadable ones are counted in ``report``."""
+        entries = list(file_walk(ref_dir))
+        images = [p for p, kind in entries if kind == "image"]
+        report.skipped_junk = sum(kind == "junk" for _, kind in entries)
+        report.skipped_non_image = sum(kind == "other" for _, kind in entries)
+        tag_text = json.dumps(sorted(tags or []))
+        for n, path in enumerate(images, 1):
+            if progress:
+                progress(n, len(images), str(path))
+            try:
+                record = self.plan_photo(path, collection, tags, tag_text, report)
+            except (sqlite3.OperationalError, CatalogError):
+                raise  # the catalogue itself cannot be written: stop, keeping committed batches
+            except Exception as exc:  # one failure boundary per file
+                report.failed.append((printable_path(path), failure_reason(exc, printable_path(path))))
+                continue
+            if record is not None:
+                yield path, record
+
+    def plan_photo(self, path: Path, collection: str | None, tags: list[str] | None, tag_text: str,
+                   report: IndexReport) -> dict | None:
+        """The catalogue's part of indexing one photo, without decoding it: None when it is settled
+        (unchanged, re-labelled, or moved), else the record to complete with :func:`prepare_photo`."""
         resolved = str(path.resolve())
         if resolved != os.fsencode(resolved).decode("utf-8", "replace"):
             raise ImageReadError(f"{printable_path(path)}: the file name is not valid UTF-8; rename the file to index it")
@@ -277,7 +292,7 @@ class Catalog:
             if collection is not None or tags:  # re-labelling without re-embedding
                 with self.db.conn:
                     self.db["photos"].update(row[0], {"collection": collection, "tags": tag_text})
-            return
+            return None
         digest = sha256_file(path)
         if row is None:
             moved = self._moved_from(digest)
@@ -286,27 +301,33 @@ class Catalog:
                     self.db["photos"].update(moved, {"path": resolved, "mtime": st.st_mtime, "size": st.st_size,
                                                      "collection": collection, "tags": tag_text})
                 report.moved += 1
-                return
-        scan = read_image(path)
-        record = {
-            "path": resolved, "sha256": digest, "size": st.st_size, "mtime": st.st_mtime,
-            "width": scan.width, "height": scan.height, "date_taken": _date_taken(scan.exif),
-            "collection": collection, "tags": tag_text, "indexed_at": datetime.now(UTC).isoformat(),
-            "thumbnail": preview_jpeg(to_upright(scan.pixels, scan.orientation), THUMB_SIZE, quality=80),
-        }
+                return None
+        record = {"path": resolved, "sha256": digest, "size": st.st_size, "mtime": st.st_mtime,
+                  "collection": collection, "tags": tag_text, "indexed_at": datetime.now(UTC).isoformat()}
         if row is not None:
             record["id"] = row[0]
-        colour = scan.pixels.ndim == 3 and not is_near_gray(scan.pixels)
-        record["is_colour"] = int(colour)
-        if not colour:
+        return record
+
+    def add_prepared(self, record: dict, lightness: np.ndarray | None, report: IndexReport,
+                     pending: list[tuple[dict, np.ndarray]] | None = None, embedding: np.ndarray | None = None) -> None:
+        """Save a gray photo as refused, and a colour one with its ``embedding``, or queue its retrieval
+        input in ``pending`` to be embedded in a batch."""
+        if lightness is None:
             report.refused_gray += 1
             record["embedding"] = None
             with self.db.conn:
                 self._save(record)
             return
-        report.updated += row is not None
-        report.added += row is None
-        pending.append((record, centre_square(to_upright(scan.lightness(), scan.orientation))))
+        report.updated += "id" in record
+        report.added += "id" not in record
+        if embedding is None:
+            assert pending is not None
+            pending.append((record, lightness))
+            return
+        record["embedding"] = np.asarray(embedding, dtype=np.float32).tobytes()
+        with self.db.conn:
+            self._save(record)
+        self._matrix = None
 
     def _save(self, record: dict) -> None:
         if "id" not in record:
@@ -415,6 +436,16 @@ class Catalog:
 
 
 
+def prepare_photo(path: Path) -> tuple[dict, np.ndarray | None]:
+    """What indexing reads from a photo's pixels: size, date, thumbnail, whether it is colour, and for
+    a colour photo the retrieval input (``centre_square`` of its L; None for a gray one)."""
+    scan = read_image(path)
+    colour = scan.pixels.ndim == 3 and not is_near_gray(scan.pixels)
+    fields = {"width": scan.width, "height": scan.height, "date_taken": _date_taken(scan.exif), "is_colour": int(colour),
+              "thumbnail": preview_jpeg(to_upright(scan.pixels, scan.orientation), THUMB_SIZE, quality=80)}
+    return fields, centre_square(to_upright(scan.lightness(), scan.orientation)) if colour else None
+
+
 def _features_session(provider: str, home: Path | None):
     from archivecolor.models.registry import DEFAULT_BACKBONE, features_name
     from archivecolor.models.session import open_session
@@ -433,8 +464,16 @@ def index_references(
     home: Path | None = None,
     batch_size: int = 16,
     progress: Callable[[int, int, str], None] | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    workers: int = 2,
+    gpus_per_worker: float = 0.0,
 ) -> IndexReport:
-    """Index the colour photos under ``ref_dir`` into the catalogue (created if absent)."""
+    """Index the colour photos under ``ref_dir`` into the catalogue (created if absent).
+
+    ``engine="ray"`` reads and embeds the photos on a pool of Ray actors (``workers``, joining the cluster
+    at ``ray_address`` or starting a local one); this process plans and writes the catalogue.
+    """
     from archivecolor.errors import UsageError
     from archivecolor.models.registry import DEFAULT_BACKBONE
 
@@ -446,6 +485,14 @@ def index_references(
             with cat.db.conn:
                 cat.db.execute("delete from photos")
         cat.check_model(DEFAULT_BACKBONE, session.model.sha256, DEFAULT_EMBEDDING)
+
+        if engine == "ray":
+            from archivecolor.ray_engine import index_with_ray
+
+            return index_with_ray(cat, Path(ref_dir), collection, tags, prune, progress, provider, home,
+                                  ray_address, workers, gpus_per_worker)
+        if engine != "local":
+            raise UsageError(f"--engine {engine!r}: choose local or ray")
 
         def embed(batch: np.ndarray) -> np.ndarray:
             return session.run({"l": batch}, [f"embedding_{DEFAULT_EMBEDDING}"])[0]

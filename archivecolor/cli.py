@@ -28,6 +28,12 @@ err = Console(stderr=True)
 
 CatalogOpt = typer.Option(None, "--catalog", help="catalogue file (default $ARCHIVECOLOR_HOME/catalog.sqlite)")
 ProviderOpt = typer.Option("auto", "--provider", help="ONNX Runtime execution provider: auto, cuda or cpu")
+EngineOpt = typer.Option("local", "--engine", help="local, or ray: the same work on a pool of Ray actors "
+                                                   "(pip install 'archivecolor[ray]')")
+RayAddressOpt = typer.Option(None, "--ray-address", help="with --engine ray: auto or ray://host:10001 "
+                                                         "(default: start a local Ray on this machine)")
+WorkersOpt = typer.Option(2, "--workers", min=1, help="with --engine ray: actors, one CPU each")
+GpusPerWorkerOpt = typer.Option(0.0, "--gpus-per-worker", min=0.0, help="with --engine ray: GPUs per actor (e.g. 0.5)")
 
 
 def errors_handled(func: Callable) -> Callable:
@@ -125,6 +131,10 @@ def index(
     prune: bool = typer.Option(False, "--prune", help="remove entries whose files are gone"),
     rebuild: bool = typer.Option(False, "--rebuild", help="drop every entry first (after a model change)"),
     provider: str = ProviderOpt,
+    engine: str = EngineOpt,
+    ray_address: str = RayAddressOpt,
+    workers: int = WorkersOpt,
+    gpus_per_worker: float = GpusPerWorkerOpt,
 ) -> None:
     """Index colour reference photos into the SQLite catalogue (incremental).
 
@@ -136,7 +146,9 @@ def index(
         task = bar.add_task("indexing", total=None, rate="")
         report = index_references(ref_dir, catalog, collection, tag, prune, rebuild, provider,
                                   progress=lambda n, total, path: bar.update(task, completed=n, total=total,
-                                                                             rate=Path(path).name[:30]))
+                                                                             rate=Path(path).name[:30]),
+                                  engine=engine, ray_address=ray_address, workers=workers,
+                                  gpus_per_worker=gpus_per_worker)
     rate = report.embedded / report.seconds if report.seconds else 0.0
     table = Table("", "files", title="index summary")
     for label, value in (("added", report.added), ("updated", report.updated), ("unchanged", report.unchanged),
@@ -258,6 +270,10 @@ def run(
     max_pixels: int = typer.Option(400_000_000, help="refuse images larger than this (decompression bombs)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar, only the summary"),
     json_out: bool = typer.Option(False, "--json", help="print the full report as JSON on stdout"),
+    engine: str = EngineOpt,
+    ray_address: str = RayAddressOpt,
+    workers: int = WorkersOpt,
+    gpus_per_worker: float = GpusPerWorkerOpt,
 ) -> None:
     """Colorize every scan under SCANS_DIR into OUT_DIR, with a provenance sidecar per output.
 
@@ -270,7 +286,8 @@ def run(
     options = RunOptions(out=out, catalog=catalog, collection=collection, reference=reference, mapping=mapping,
                          top_k=top_k, working_size=working_size, batch_size=batch_size, provider=provider,
                          format=format, overwrite=overwrite, dry_run=dry_run, jobs=jobs, xmp_sidecar=xmp_sidecar,
-                         max_pixels=max_pixels)
+                         max_pixels=max_pixels, engine=engine, ray_address=ray_address, workers=workers,
+                         gpus_per_worker=gpus_per_worker)
     stop = {"asked": False}
 
     def on_sigint(signum, frame):  # noqa: ANN001 - signal handler signature
@@ -404,13 +421,32 @@ def bench(
     lpips_net: str = typer.Option("alex", help="LPIPS backbone: alex or vgg"),
     pairs: Path = typer.Option(None, help="He et al. demo folder (input/, res/, pairs.txt) for a side-by-side"),
     retrieval: bool = typer.Option(False, "--retrieval", help="time catalogue queries at 10k, 100k and 1M embeddings"),
+    speed: Path = typer.Option(None, "--speed", help="time `run` on this folder of gray scans (scans/s, stages, peak RSS)"),
+    reference: Path = typer.Option(None, "--reference", help="with --speed: one reference for all scans"),
+    top_k: int = typer.Option(1, "--top-k", min=1, help="with --speed: references retrieved per scan"),
+    working_size: int = typer.Option(256, "--working-size", help="with --speed: the run's working size"),
+    repeat: int = typer.Option(3, "--repeat", min=1, help="with --speed: timed runs, each in a fresh process"),
 ) -> None:
     """Measure colorization quality and speed on colour test photos, against baselines.
 
     Example: archivecolor bench ../shared/data/kodak24 --references ../shared/data/sun-hays80
     """
-    from archivecolor.bench import BenchOptions, retrieval_latency, run_bench, run_pairs
+    from archivecolor.bench import BenchOptions, retrieval_latency, run_bench, run_pairs, run_speed
 
+    if speed is not None:
+        options = {"catalog": catalog, "reference": reference, "top_k": top_k, "working_size": working_size,
+                   "provider": provider}
+        result = run_speed(speed, options, repeat)
+        table = Table("stage", "seconds", title=f"median of {repeat} runs: {result['median_scans_per_s']} scans/s, "
+                                                f"{result['median_seconds']} s, peak RSS {result['peak_rss_mb']} MB")
+        for name, seconds in result["stage_seconds"].items():
+            table.add_row(name, str(seconds))
+        console.print(table)
+        console.print("runs: " + ", ".join(f"{r['scans_per_s']} scans/s ({r['peak_rss_mb']} MB)" for r in result["runs"]))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "speed.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        console.print(f"report: {out / 'speed.json'}")
+        return
     if retrieval:
         table = Table("embeddings", "batch", "ms / batch", "ms / query", "matrix MB", title="exact retrieval (numpy)")
         for row in retrieval_latency():

@@ -418,10 +418,18 @@ def icc_colour_space(icc: bytes | None) -> str | None:
     return icc[16:20].decode("ascii", "replace").strip()
 
 
-@functools.lru_cache(maxsize=1)
+# The ICC header's creation date (bytes 24-35): LittleCMS stamps the current time there, which would
+# make every output's bytes depend on when its process started; a fixed date keeps outputs reproducible.
+_ICC_DATE = slice(24, 36)
+_FIXED_ICC_DATE = struct.pack(">6H", 2000, 1, 1, 0, 0, 0)
+
+
+@functools.cache
 def srgb_profile() -> bytes:
-    """An sRGB ICC profile (made once per process: LittleCMS stamps each one with the time)."""
-    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    """An sRGB ICC profile, the same bytes in every process."""
+    profile = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    profile[_ICC_DATE] = _FIXED_ICC_DATE
+    return bytes(profile)
 
 
 def output_icc(icc: bytes | None) -> tuple[bytes, str | None]:

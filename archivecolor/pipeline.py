@@ -111,15 +111,25 @@ def load_reference(path: Path, key: str, short_side: int, meta: dict | None = No
     return reference
 
 
-class ReferenceCache:
-    """LRU of prepared references keyed by sha256: many scans share one reference."""
+REFERENCE_CACHE_BYTES = 512 * 2**20  # about ten references' features at working size 256
 
-    def __init__(self, models: Models, capacity: int = 64) -> None:
+
+class ReferenceCache:
+    """LRU of prepared references keyed by sha256 (many scans share one reference), bounded in bytes:
+    a reference's features at working size 256 take about 50 MB."""
+
+    def __init__(self, models: Models, max_bytes: int = REFERENCE_CACHE_BYTES) -> None:
         self.models = models
-        self.capacity = capacity
+        self.max_bytes = max_bytes
         self.items: OrderedDict[str, Reference] = OrderedDict()
+        self.bytes = 0
         self.hits = 0
         self.misses = 0
+        self.seconds = 0.0  # reading and preparing references, their VGG features included
+
+    @staticmethod
+    def size_of(ref: Reference) -> int:
+        return ref.l.nbytes + ref.ab.nbytes + sum(f.nbytes for f in ref.features)
 
     def get(self, key: str, load) -> Reference:
         if key in self.items:
@@ -127,11 +137,15 @@ class ReferenceCache:
             self.hits += 1
             return self.items[key]
         self.misses += 1
+        started = time.perf_counter()
         ref = load()
         ref.features = self.models.features_of(ref.l)
+        self.seconds += time.perf_counter() - started
         self.items[key] = ref
-        if len(self.items) > self.capacity:
-            self.items.popitem(last=False)
+        self.bytes += self.size_of(ref)
+        while self.bytes > self.max_bytes and len(self.items) > 1:
+            _, evicted = self.items.popitem(last=False)
+            self.bytes -= self.size_of(evicted)
         return ref
 
     def load(self, path: Path, sha256: str, short_side: int, meta: dict | None = None) -> Reference:

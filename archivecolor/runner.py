@@ -79,12 +79,17 @@ from archivecolor.provenance import (
 LEDGER_NAME = ".archivecolor-ledger.sqlite"
 LOCK_NAME = ".archivecolor.lock"
 FORMATS = ("same", "tiff", "png", "jpeg")
+ENGINES = ("local", "ray")
 _FORMAT_NAMES = {"tiff": "TIFF", "png": "PNG", "jpeg": "JPEG"}
 # Suffixes that already name each writable format (kept as they are, case included).
 _FORMAT_SUFFIXES = {"JPEG": {".jpg", ".jpeg"}, "PNG": {".png"}, "TIFF": {".tif", ".tiff"}, "BMP": {".bmp"},
                     "WEBP": {".webp"}}
 _XMP_FORMATS = {"JPEG", "PNG", "TIFF", "WEBP"}
 PENDING_PIXEL_LIMIT = 300_000_000  # decoded pixels held while waiting for a full batch
+# Seconds of the stage report that add up to the wall time; decoding and encoding run in worker threads
+# beside the networks, so "other" (wall minus these) goes negative where they overlapped.
+STAGES = ("walk", "open_models", "decode", "hash", "retrieval", "references", "features", "correspondence", "unet",
+          "recombine_encode")
 CANDIDATES = 5  # catalogue candidates recorded per scan, for review and re-picking
 INTERRUPTED_EXIT = 130  # the shell's convention for a run stopped by Ctrl-C
 _WALK_REASONS = {
@@ -115,12 +120,16 @@ class RunOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     threads: int = 0
     home: Path | None = None
+    engine: str = "local"  # local, or ray (archivecolor[ray]): the same outputs from a pool of Ray actors
+    ray_address: str | None = None  # None starts a local Ray; "auto" or "ray://host:10001" joins a cluster
+    workers: int = 2  # Ray actors, one CPU each
+    gpus_per_worker: float = 0.0
 
     def parameters(self) -> dict:
         """The parameters that change the output, as recorded in each sidecar."""
         return {"top_k": self.top_k, "working_size": self.working_size, "format": self.format,
                 "collection": self.collection, "reference": str(self.reference) if self.reference else None,
-                "mapping": str(self.mapping) if self.mapping else None}
+                "mapping": str(self.mapping) if self.mapping else None, "engine": self.engine}
 
     def ledger_parameters(self) -> dict:
         """The parameters that key the ledger: no paths, since the references are keyed by content."""
@@ -133,8 +142,12 @@ class RunOptions:
             raise UsageError(f"--format {self.format!r}: choose one of {', '.join(FORMATS)}")
         if self.working_size % 16 or self.working_size < 64:
             raise UsageError(f"--working-size {self.working_size}: use a multiple of 16, at least 64")
-        if self.top_k < 1 or self.batch_size < 1 or self.jobs < 1:
-            raise UsageError("--top-k, --batch-size and --jobs must be at least 1")
+        if self.top_k < 1 or self.batch_size < 1 or self.jobs < 1 or self.workers < 1:
+            raise UsageError("--top-k, --batch-size, --jobs and --workers must be at least 1")
+        if self.engine not in ENGINES:
+            raise UsageError(f"--engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
+        if self.gpus_per_worker < 0:
+            raise UsageError("--gpus-per-worker must be 0 or more")
 
 
 @dataclass
@@ -148,6 +161,8 @@ class FileResult:
     references: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    source_sha256: str = ""
+    output_sha256: str = ""
 
 
 @dataclass
@@ -455,6 +470,7 @@ class _Job:
     t0: float
     decode_s: float
     candidates: list[dict] = field(default_factory=list)
+    retrieval_s: float = 0.0
 
     @property
     def name(self) -> str:
@@ -557,13 +573,85 @@ def _write_records(ctx: RunContext, job: _Job, out_path: Path, fmt: str, bit_dep
     return _Written(result, out_sha, [{"path": r["path"], "sha256": r["sha256"]} for r in refs], encode_s)
 
 
-def colorize_file(ctx: RunContext, source: Path, references: list[dict], cache: ReferenceCache,
-                  file_key: str | None = None) -> FileResult:
-    """Colorize one scan with the given references (dicts with path and sha256) and write its outputs.
+def up_to_date(picker: ReferencePicker, sha: str, file_key: str, content_key: str | None, out_path: Path,
+               row: dict | None) -> bool:
+    """Whether the ledger row says this output is current: same source, same key (or the same references by
+    content), the output unchanged since written, and its references still the files they were."""
+    if not (row and row.get("status") == "done" and row.get("source_sha256") == sha
+            and (row.get("run_key") == file_key or (content_key and row.get("content_key") == content_key))
+            and out_path.exists() and sidecar_path(out_path).exists()):
+        return False
+    if sha256_file(out_path) != row.get("output_sha256"):
+        return False
+    try:  # the references as they were read then must still be the same files
+        recorded = json.loads(row.get("references") or "[]")
+        return all(Path(r["path"]).is_file() and picker.file_hash(Path(r["path"])) == r["sha256"] for r in recorded)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
-    The per-file core that engines other than the local batch runner call; ``file_key`` is the
-    ledger key the driver planned with (it also seeds the XMP document id). Never raises for a bad
-    file: the result's status is ``done`` or ``failed`` with a one-line reason.
+
+def plan_file(ctx: RunContext, picker: ReferencePicker, source: Path, scan: Scan, sha: str, row: dict | None,
+              claimed: dict[Path, str] | None = None) -> _Job | FileResult:
+    """What to do with one decoded scan: a job, or the result that settles it (skipped, failed, planned).
+
+    ``row`` is the scan's ledger row; ``claimed`` maps the outputs already planned in this run to their scans.
+    """
+    options = ctx.options
+    rel = source.relative_to(ctx.scans_dir)
+    name = printable_path(rel)
+    fmt = output_format(scan.format, options.format)
+    output_rel = output_relpath(rel, fmt)
+    out_path = ctx.out_dir / output_rel
+    if claimed is not None:
+        if output_rel in claimed:
+            return FileResult(name, "failed", reason=f"{source}: output {printable_path(output_rel)} would overwrite "
+                                                     f"the output of {claimed[output_rel]}; rename one of them")
+        claimed[output_rel] = name
+    if scan.pixels.ndim == 3 and not any("treated as gray" in w for w in scan.warnings):
+        return FileResult(name, "skipped", reason="already a colour image; nothing to colorize")
+    file_key = ctx.file_key(picker.identity(name))
+    known = picker.known_references(name)
+    content_key = ctx.content_key([picker.file_hash(r) for r in known]) if known else None
+    if not options.dry_run:
+        if not options.overwrite and up_to_date(picker, sha, file_key, content_key, out_path, row):
+            return FileResult(name, "skipped", printable_path(output_rel), reason="up to date")
+        if (out_path.exists() or sidecar_path(out_path).exists()) and not written_by_us(out_path, output_rel, row):
+            return FileResult(name, "failed", reason=f"{out_path}: exists and was not written by archivecolor; refusing "
+                                                     f"to replace it (choose an empty --out, or move that file away)")
+    t = time.perf_counter()
+    references, candidates = picker.pick(name, scan, sha)
+    retrieval_s = time.perf_counter() - t
+    if options.dry_run:
+        return FileResult(name, "planned", printable_path(output_rel), references=references, warnings=scan.warnings)
+    return _Job(rel, source, output_rel, fmt, sha, file_key, scan, references, target_l(scan, options.working_size),
+                utc_now(), time.perf_counter(), 0.0, candidates, retrieval_s)
+
+
+def record(ledger: Ledger, ctx: RunContext, source: Path, result: FileResult, file_key: str) -> None:
+    """The ledger row of one finished scan (done or failed); skipped and planned scans leave theirs as is."""
+    if result.status == "failed":
+        ledger.put(source=result.source, status="failed", reason=result.reason,
+                   **({"source_sha256": result.source_sha256} if result.source_sha256 else {}))
+    elif result.status == "done":
+        st = source.stat()
+        refs = [{"path": r["path"], "sha256": r["sha256"]} for r in result.references]
+        ledger.put(source=result.source, source_sha256=result.source_sha256, size=st.st_size, mtime=st.st_mtime,
+                   run_key=file_key, output=result.output, output_sha256=result.output_sha256,
+                   content_key=ctx.content_key([r["sha256"] for r in refs]), references=json.dumps(refs),
+                   status="done", reason="")
+
+
+def colorize_file(ctx: RunContext, source: Path, references: list[dict] | None, cache: ReferenceCache,
+                  file_key: str | None = None, picker: ReferencePicker | None = None,
+                  row: dict | None = None) -> FileResult:
+    """Colorize one scan and write its outputs: the per-file core that engines other than the local
+    batch runner call.
+
+    With ``references`` (dicts with path and sha256) the scan is coloured from them; with None,
+    ``picker`` chooses them and the scan's ledger ``row`` settles it (up to date, already colour, an
+    output we did not write) exactly as the local runner does. ``file_key`` is the ledger key the
+    driver planned with (it also seeds the XMP document id). Never raises for a bad file: the result's
+    status is done, skipped or failed with a one-line reason.
     """
     rel = source.relative_to(ctx.scans_dir)
     t0 = time.perf_counter()
@@ -571,11 +659,23 @@ def colorize_file(ctx: RunContext, source: Path, references: list[dict], cache: 
     if scan is None:
         return FileResult(printable_path(rel), "failed", reason=error or f"{source}: unreadable")
     try:
-        fmt = output_format(scan.format, ctx.options.format)
-        key = file_key or ctx.file_key(",".join(r["sha256"] for r in references))
-        job = _Job(rel, source, output_relpath(rel, fmt), fmt, sha256_file(source), key, scan, references,
-                   target_l(scan, ctx.options.working_size), utc_now(), t0, decode_s)
-        loaded = [cache.load(Path(r["path"]), r["sha256"], ctx.options.working_size, r) for r in references]
+        sha = sha256_file(source)
+        if references is None:
+            if picker is None:
+                raise ValueError("colorize_file needs references or a picker")
+            planned = plan_file(ctx, picker, source, scan, sha, row)
+            if isinstance(planned, FileResult):
+                planned.source_sha256 = sha
+                return planned
+            job = planned
+            job.t0, job.decode_s = t0, decode_s
+        else:
+            fmt = output_format(scan.format, ctx.options.format)
+            job = _Job(rel, source, output_relpath(rel, fmt), fmt, sha, "", scan, references,
+                       target_l(scan, ctx.options.working_size), utc_now(), t0, decode_s)
+            job.file_key = ctx.file_key("references:" + ",".join(r["sha256"] for r in references))
+        job.file_key = file_key or job.file_key
+        loaded = [cache.load(Path(r["path"]), r["sha256"], ctx.options.working_size, r) for r in job.references]
         prediction = predict(ctx.models, job.l_work, [loaded])[0]
         return write_outputs(ctx, job, prediction, loaded).result
     except MemoryError:
@@ -606,6 +706,10 @@ def colorize_folder(
         except OSError as exc:
             raise UsageError(f"{out_dir}: cannot create the output folder ({exc.strerror}); choose a writable --out") from exc
         with OutputLock(out_dir):
+            if options.engine == "ray":
+                from archivecolor.ray_engine import colorize_folder_ray
+
+                return colorize_folder_ray(scans_dir, out_dir, options, progress, should_stop)
             return _colorize_locked(scans_dir, out_dir, options, progress, should_stop)
     return _colorize_locked(scans_dir, out_dir, options, progress, should_stop)
 
@@ -617,8 +721,10 @@ def _colorize_locked(scans_dir: Path, out_dir: Path, options: RunOptions,
     entries = list(file_walk(scans_dir))
     images = [p for p, kind in entries if kind == "image"]
     unusable = [(p, kind) for p, kind in entries if kind in _WALK_REASONS]
+    walked = time.perf_counter()
     models = Models.open(options.provider, options.home, threads=options.threads)
     picker = ReferencePicker(options, scans_dir, models)
+    opened = time.perf_counter()
     ctx = RunContext.create(scans_dir, out_dir, options, models)
     report = RunReport(scans_dir, out_dir, models.provider, skipped_junk=sum(k == "junk" for _, k in entries))
     ledger = None
@@ -632,6 +738,9 @@ def _colorize_locked(scans_dir: Path, out_dir: Path, options: RunOptions,
             ledger.close()
         picker.close()
     report.seconds = time.perf_counter() - started
+    stages = {"walk": round(walked - started, 3), "open_models": round(opened - walked, 3), **report.stage_seconds}
+    timed = sum(v for k, v in stages.items() if k in STAGES)
+    report.stage_seconds = stages | {"wall": round(report.seconds, 3), "other": round(report.seconds - timed, 3)}
     return report
 
 
@@ -645,7 +754,7 @@ class _Batches:
         self.progress, self.total = progress, total
         self.cache = ReferenceCache(ctx.models)
         self.times = StageTimes()
-        self.extra = {"decode": 0.0, "hash": 0.0, "recombine_encode": 0.0}
+        self.extra = {"decode": 0.0, "hash": 0.0, "retrieval": 0.0, "recombine_encode": 0.0}
         self.claimed: dict[Path, str] = {}
         self.buckets: dict[tuple[int, int], list[_Job]] = {}
         self.writes: list[tuple[_Job, Future]] = []
@@ -662,25 +771,10 @@ class _Batches:
         if self.ledger is not None:
             self.ledger.put(source=name, status="failed", reason=reason, **ledger_row)
 
-    def up_to_date(self, sha: str, file_key: str, content_key: str | None, out_path: Path, row: dict | None) -> bool:
-        if not (row and row.get("status") == "done" and row.get("source_sha256") == sha
-                and (row.get("run_key") == file_key or (content_key and row.get("content_key") == content_key))
-                and out_path.exists() and sidecar_path(out_path).exists()):
-            return False
-        if sha256_file(out_path) != row.get("output_sha256"):
-            return False
-        try:  # the references as they were read then must still be the same files
-            recorded = json.loads(row.get("references") or "[]")
-            return all(Path(r["path"]).is_file() and self.picker.file_hash(Path(r["path"])) == r["sha256"] for r in recorded)
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
-
     # --- planning -------------------------------------------------------------------------------
     def plan(self, source: Path, scan: Scan | None, error: str | None, decode_s: float) -> _Job | None:
         """Hash, check the ledger and choose references; returns a job, or None when the file is settled."""
-        ctx, options = self.ctx, self.options
-        rel = source.relative_to(ctx.scans_dir)
-        name = printable_path(rel)
+        name = printable_path(source.relative_to(self.ctx.scans_dir))
         t0 = time.perf_counter() - decode_s
         self.extra["decode"] += decode_s
         t = time.perf_counter()
@@ -693,35 +787,17 @@ class _Batches:
         if scan is None:
             self.fail(name, error or f"{source}: unreadable", source_sha256=sha)
             return None
-        fmt = output_format(scan.format, options.format)
-        output_rel = output_relpath(rel, fmt)
-        out_path = ctx.out_dir / output_rel
-        if output_rel in self.claimed:
-            self.fail(name, f"{source}: output {printable_path(output_rel)} would overwrite the output of "
-                            f"{self.claimed[output_rel]}; rename one of them", source_sha256=sha)
-            return None
-        self.claimed[output_rel] = name
-        if scan.pixels.ndim == 3 and not any("treated as gray" in w for w in scan.warnings):
-            self.finish(FileResult(name, "skipped", reason="already a colour image; nothing to colorize"))
-            return None
-        file_key = ctx.file_key(self.picker.identity(name))
-        known = self.picker.known_references(name)
-        content_key = ctx.content_key([self.picker.file_hash(r) for r in known]) if known else None
         row = self.ledger.get(name) if self.ledger is not None else None
-        if not options.dry_run:
-            if not options.overwrite and self.up_to_date(sha, file_key, content_key, out_path, row):
-                self.finish(FileResult(name, "skipped", printable_path(output_rel), reason="up to date"))
-                return None
-            if (out_path.exists() or sidecar_path(out_path).exists()) and not written_by_us(out_path, output_rel, row):
-                self.fail(name, f"{out_path}: exists and was not written by archivecolor; refusing to replace it "
-                                f"(choose an empty --out, or move that file away)", source_sha256=sha)
-                return None
-        references, candidates = self.picker.pick(name, scan, sha)
-        if options.dry_run:
-            self.finish(FileResult(name, "planned", printable_path(output_rel), references=references, warnings=scan.warnings))
+        planned = plan_file(self.ctx, self.picker, source, scan, sha, row, self.claimed)
+        if isinstance(planned, FileResult):
+            if planned.status == "failed":
+                self.fail(name, planned.reason, source_sha256=sha)
+            else:
+                self.finish(planned)
             return None
-        return _Job(rel, source, output_rel, fmt, sha, file_key, scan, references,
-                    target_l(scan, options.working_size), utc_now(), t0, decode_s, candidates)
+        planned.t0, planned.decode_s = t0, decode_s
+        self.extra["retrieval"] += planned.retrieval_s
+        return planned
 
     # --- batching -------------------------------------------------------------------------------
     def run_bucket(self, key: tuple[int, int], pool: ThreadPoolExecutor) -> None:
@@ -780,11 +856,7 @@ class _Batches:
                 continue
             self.extra["recombine_encode"] += written.encode_s
             if self.ledger is not None:
-                st = job.source.stat()
-                self.ledger.put(source=job.name, source_sha256=job.sha256, size=st.st_size, mtime=st.st_mtime,
-                                run_key=job.file_key, output=written.result.output, output_sha256=written.output_sha256,
-                                content_key=self.ctx.content_key([r["sha256"] for r in written.references]),
-                                references=json.dumps(written.references), status="done", reason="")
+                record(self.ledger, self.ctx, job.source, written.result, job.file_key)
             self.finish(written.result)
         self.writes[:] = keep
 
@@ -826,6 +898,7 @@ class _Batches:
             self.collect(block=True)
         self.report.stage_seconds = {
             "decode": round(self.extra["decode"], 3), "hash": round(self.extra["hash"], 3),
+            "retrieval": round(self.extra["retrieval"], 3), "references": round(self.cache.seconds, 3),
             "features": round(self.times.features, 3), "correspondence": round(self.times.correspondence, 3),
             "unet": round(self.times.unet, 3), "recombine_encode": round(self.extra["recombine_encode"], 3),
             "reference_cache_hits": self.cache.hits, "reference_cache_misses": self.cache.misses}

@@ -81,24 +81,16 @@ def guided_coefficients(guide: np.ndarray, src: np.ndarray, r: int = GUIDE_RADIU
     return box_mean(a, r), box_mean(b, r)
 
 
-def _bilinear_axis(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    pos = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
-    pos = np.clip(pos, 0, n_in - 1)
-    lo = np.floor(pos).astype(np.int64)
-    hi = np.minimum(lo + 1, n_in - 1)
-    return lo, hi, (pos - lo).astype(np.float32)
-
-
 def bilinear_rows(low: np.ndarray, height: int, width: int, y0: int, y1: int) -> np.ndarray:
-    """Rows [y0, y1) of ``low`` (h, w, C) bilinearly resized to (height, width, C)."""
+    """Rows [y0, y1) of ``low`` (h, w, C) bilinearly resized to (height, width, C), pixel centres aligned.
+
+    Pillow's C resampler with a source box: the same rows as resizing the whole plane, without holding it.
+    """
     h, w = low.shape[:2]
-    ylo, yhi, fy = _bilinear_axis(height, h)
-    xlo, xhi, fx = _bilinear_axis(width, w)
-    ylo, yhi, fy = ylo[y0:y1], yhi[y0:y1], fy[y0:y1, None, None]
-    fx = fx[None, :, None]
-    top = low[ylo][:, xlo] * (1 - fx) + low[ylo][:, xhi] * fx
-    bottom = low[yhi][:, xlo] * (1 - fx) + low[yhi][:, xhi] * fx
-    return (top * (1 - fy) + bottom * fy).astype(np.float32)
+    box = (0.0, y0 * h / height, float(w), y1 * h / height)
+    planes = [Image.fromarray(np.ascontiguousarray(low[..., c], dtype=np.float32), mode="F")
+              .resize((width, y1 - y0), Image.BILINEAR, box=box) for c in range(low.shape[2])]
+    return np.stack([np.asarray(p, dtype=np.float32) for p in planes], axis=-1)
 
 
 def _run_from_start(flags: np.ndarray) -> np.ndarray:

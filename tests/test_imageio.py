@@ -196,3 +196,17 @@ def test_a_full_disk_leaves_the_old_file_and_no_temp_file(tmp_path, monkeypatch)
     monkeypatch.undo()
     write_image(target, rgb, "PNG")  # with space again it completes
     assert np.array_equal(read_image(target).pixels, rgb)
+
+
+def test_the_srgb_profile_is_the_same_bytes_in_every_process():
+    """LittleCMS stamps profiles with the time; outputs must not depend on when their process started."""
+    import subprocess
+    import sys
+    import time
+
+    from archivecolor.imageio import srgb_profile
+
+    time.sleep(1.1)  # at least a second after this process made its profile
+    code = "import sys; from archivecolor.imageio import srgb_profile; sys.stdout.buffer.write(srgb_profile())"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout
+    assert other == srgb_profile() and len(other) > 128
