@@ -70,10 +70,10 @@ class TrainConfig:
 CONFIGS = {
     # About 2 hours on 2 CPU cores: a narrower U-Net at 160 px.
     "cpu-small": TrainConfig(name="cpu-small", size=160, width=32, epochs=12),
-    # cpu-small carried on from its epoch 6 to 14: a mild colourfulness floor (70% of the truth's chroma)
+    # cpu-small carried on from its epoch 6 to 12: a mild colourfulness floor (70% of the truth's chroma)
     # under L2, and the learning rate decayed over the added epochs.
     "cpu-long": TrainConfig(
-        name="cpu-long", size=160, width=32, epochs=14, decay_from=6,
+        name="cpu-long", size=160, width=32, epochs=12, decay_from=6,
         schedule=(
             (2, LossSpec(pixel="smooth_l1", colourfulness_weight=0.5, colourfulness_target=1.0)),
             (3, LossSpec(pixel="l2", colourfulness_weight=1.0, colourfulness_target=0.85)),
