@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 
 # sRGB primaries, D65 white (IEC 61966-2-1), the same matrix skimage uses.
-_RGB_TO_XYZ = np.array(
+RGB_TO_XYZ = np.array(
     [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]],
     dtype=np.float64,
 )
-_XYZ_TO_RGB = np.linalg.inv(_RGB_TO_XYZ)
+XYZ_TO_RGB = np.linalg.inv(RGB_TO_XYZ)
 WHITE_D65 = np.array([0.95047, 1.0, 1.08883], dtype=np.float64)
 _DELTA = 6.0 / 29.0
 AB_SCALE = 128.0
@@ -55,11 +55,11 @@ def linear_to_srgb(lin: np.ndarray) -> np.ndarray:
 
 
 def linear_to_xyz(lin: np.ndarray) -> np.ndarray:
-    return (lin @ _RGB_TO_XYZ.T.astype(np.float32)).astype(np.float32)
+    return (lin @ RGB_TO_XYZ.T.astype(np.float32)).astype(np.float32)
 
 
 def xyz_to_linear(xyz: np.ndarray) -> np.ndarray:
-    return (xyz @ _XYZ_TO_RGB.T.astype(np.float32)).astype(np.float32)
+    return (xyz @ XYZ_TO_RGB.T.astype(np.float32)).astype(np.float32)
 
 
 def _f(t: np.ndarray) -> np.ndarray:
