@@ -25,6 +25,7 @@ from archivecolor.catalog import Catalog, centre_square, index_references
 from archivecolor.color import l_to_gray, lab_to_rgb, normalise_l, rgb_to_lab, to_uint8
 from archivecolor.errors import UsageError
 from archivecolor.imageio import file_walk_images, read_image, to_upright
+from archivecolor.models.layout import WARPED_AB, forward_map, round_trip_map
 from archivecolor.models.store import model_dir
 from archivecolor.models.weights import load_backbone_weights, sha256_file
 from archivecolor.pipeline import (
@@ -273,7 +274,7 @@ def run_bench(
             sample.outputs["exemplar"] = recombine(sample.l, pred.ab, pred.l)
             stage["recombine"] += time.perf_counter() - t
             if "warp-only" in options.methods:  # the warp is at working size: bring its ab to the sample's
-                warp_ab = pred.x13[1:3].transpose(1, 2, 0) * 128
+                warp_ab = pred.x13[WARPED_AB].transpose(1, 2, 0) * 128
                 if warp_ab.shape[:2] != (h, w):
                     warp_ab = np.dstack([resize_plane(warp_ab[..., c], h, w) for c in range(2)])
                 sample.outputs["warp-only"] = _rgb(sample.l, warp_ab)
@@ -432,9 +433,9 @@ def write_figures(samples: list[Sample], scores: dict, methods: tuple[str, ...],
         fig, axes = plt.subplots(len(shown), 6, figsize=(18, 3 * len(shown)), squeeze=False)
         for row, s in enumerate(shown):
             p = s.prediction
-            panels = (("warped reference", _rgb(s.l, p.x13[1:3].transpose(1, 2, 0) * 128)),
-                      ("similarity conv2 (t→r)", p.x13[4]), ("similarity conv5 (t→r)", p.x13[7]),
-                      ("round-trip similarity conv3", p.x13[10]), ("trust in reference", p.trust),
+            panels = (("warped reference", _rgb(s.l, p.x13[WARPED_AB].transpose(1, 2, 0) * 128)),
+                      ("similarity conv2 (t→r)", p.x13[forward_map(2)]), ("similarity conv5 (t→r)", p.x13[forward_map(5)]),
+                      ("round-trip similarity conv3", p.x13[round_trip_map(3)]), ("trust in reference", p.trust),
                       ("Grad-CAM (U-Net bottleneck)", gradcam(p.x13, p.semantic) if gradcam else np.zeros_like(p.trust)))
             for col, (title, img) in enumerate(panels):
                 axes[row, col].imshow(img, cmap=None if img.ndim == 3 else "magma",
@@ -623,14 +624,10 @@ _SPEED_CHILD = "import sys; from archivecolor.bench import speed_child; speed_ch
 
 def speed_child(request: str) -> None:
     """One timed run in a fresh process (so that peak RSS and start-up are its own): JSON in, JSON out."""
-    import dataclasses
-
     from archivecolor.runner import RunOptions, colorize_folder
 
     args = json.loads(request)
-    fields = {f.name for f in dataclasses.fields(RunOptions)}
-    options = RunOptions(**{k: (Path(v) if k in ("out", "catalog", "reference", "mapping", "home") and v else v)
-                            for k, v in args["options"].items() if k in fields})
+    options = RunOptions.from_dict(args["options"])
     report = colorize_folder(args["scans"], options)
     print(json.dumps({"seconds": report.seconds, "stage_seconds": report.stage_seconds,
                       "counts": report.as_dict()["counts"],

@@ -17,13 +17,13 @@ import numpy as np
 from archivecolor.color import denormalise_ab, normalise_ab, normalise_l, rgb_to_lab
 from archivecolor.errors import ImageReadError
 from archivecolor.imageio import Scan, from_upright, read_image, to_upright
+from archivecolor.models.layout import FORWARD_MAPS
 from archivecolor.models.registry import DEFAULT_BACKBONE, features_name
 from archivecolor.models.session import ModelSession, open_session
 from archivecolor.models.weights import sha256_file
 from archivecolor.upsample import box_mean, recombine, resize_plane, working_size
 
 DEFAULT_WORKING_SIZE = 256
-FORWARD_MAPS = slice(3, 8)  # the target→reference similarity maps in the 13-channel input
 SEMANTIC_INPUTS = {"tf3": 2, "tf4": 3, "tf5": 4}  # U-Net input name -> index into the target's features
 
 

@@ -14,7 +14,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 from archivecolor.errors import UsageError
@@ -92,9 +92,9 @@ class ColorizeWorker:
 
     def __init__(self, scans_dir: str, out_dir: str, options: dict) -> None:
         from archivecolor.pipeline import Models, ReferenceCache
-        from archivecolor.runner import ReferencePicker, RunContext
+        from archivecolor.runner import ReferencePicker, RunContext, RunOptions
 
-        run_options = options_from_dict(options)
+        run_options = RunOptions.from_dict(options)
         run_options.threads = run_options.threads or 1
         models = Models.open(run_options.provider, run_options.home, threads=run_options.threads)
         self.ctx = RunContext.create(Path(scans_dir), Path(out_dir), run_options, models)
@@ -113,18 +113,6 @@ class ColorizeWorker:
                                    task["file_key"], picker=self.picker, row=task["row"])
             results.append(json.dumps({"task": task, "result": asdict(result), "pid": os.getpid()}))
         return {"result": np.array(results, dtype=object)}
-
-
-def options_from_dict(values: dict):
-    from archivecolor.runner import RunOptions
-
-    paths = {"out", "catalog", "reference", "mapping", "home"}
-    names = {f.name for f in fields(RunOptions)}
-    return RunOptions(**{k: (Path(v) if k in paths and v is not None else v) for k, v in values.items() if k in names})
-
-
-def options_to_dict(options) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
 
 
 def colorize_folder_ray(scans_dir: Path, out_dir: Path, options, progress: Callable | None,
@@ -193,7 +181,7 @@ def colorize_folder_ray(scans_dir: Path, out_dir: Path, options, progress: Calla
                           "references": None, "file_key": file_key, "row": row})
         if tasks and not (should_stop and should_stop()):
             started_ray = start(options.ray_address, options.workers)
-            kwargs = {"scans_dir": str(scans_dir), "out_dir": str(out_dir), "options": options_to_dict(options)}
+            kwargs = {"scans_dir": str(scans_dir), "out_dir": str(out_dir), "options": options.to_dict()}
             done_names = set()
             for item in _results(_map(_rows(tasks, options.workers), ColorizeWorker, kwargs, options.workers,
                                       options.gpus_per_worker)):

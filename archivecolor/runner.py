@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +124,17 @@ class RunOptions:
     ray_address: str | None = None  # None starts a local Ray; "auto" or "ray://host:10001" joins a cluster
     workers: int = 2  # Ray actors, one CPU each
     gpus_per_worker: float = 0.0
+
+    _PATHS = ("out", "catalog", "reference", "mapping", "home")
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able values (paths as strings), e.g. to hand the options to another process."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> RunOptions:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: (Path(v) if k in cls._PATHS and v is not None else v) for k, v in values.items() if k in names})
 
     def parameters(self) -> dict:
         """The parameters that change the output, as recorded in each sidecar."""

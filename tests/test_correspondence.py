@@ -51,12 +51,18 @@ def test_maps_are_bounded_and_the_graph_is_differentiable():
     assert ref_ab.grad.abs().sum() > 0 and all(f.grad is not None for f in feats)
 
 
-def test_dense_matching_stays_at_stride_8(models):
-    """At 1024 px the stride-8 similarity matrix is 16k × 16k floats, about 1 GB: it must still run."""
-    pytest.importorskip("torch")
+def test_a_photo_matched_to_itself_warps_back_its_own_colours(models):
+    """Dense matching at 512x384: with the reference's own L as the target, every feature finds itself,
+    so the warped ab is the reference's and the forward similarity is near 1."""
+    from archivecolor.models.layout import FORWARD_MAPS, WARPED_AB
+
     photo = colour_photos(1, (512, 384))[0]
     lab = rgb_to_lab(photo)
     ref = reference_from_lab("r", lab, 384)
     ref.features = models.features_of(ref.l)
-    pred = predict(models, normalise_l(lab[None, None, ..., 0]), [[ref]])[0]
+    pred = predict(models, ref.l, [[ref]])[0]
     assert pred.ab.shape == (384, 512, 2)
+    warped = pred.x13[WARPED_AB] * 128
+    error = np.abs(warped - ref.ab[0] * 128).mean()
+    assert error < 3.0, error
+    assert pred.x13[FORWARD_MAPS].mean() > 0.9

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from archivecolor.models.layout import L_CHANNEL, WARPED_AB
 from archivecolor.models.weights import load_backbone_weights
 from archivecolor.nets.unet import ColorUNet
 from archivecolor.nets.vgg import VGGFeatures
@@ -149,7 +150,7 @@ class Trainer:
             pixel = F.smooth_l1_loss(ab_pred, ab_true, beta=SMOOTH_L1_BETA)
         else:
             pixel = F.mse_loss(ab_pred, ab_true)
-        l01 = x[:, :1]
+        l01 = x[:, L_CHANNEL]
         with torch.no_grad():
             target = F.normalize(self._features(lab_to_rgb(l01, ab_true)), dim=1)
         pred = F.normalize(self._features(lab_to_rgb(l01, ab_pred)), dim=1)
@@ -177,10 +178,10 @@ class Trainer:
             x, ab, semantic = self._batch(self.pairs, rows[start : start + 16])
             loss, pred = self.loss(x, ab, semantic)
             losses.append(loss.item() * len(x))
-            l01 = x[:, :1]
+            l01 = x[:, L_CHANNEL]
             model_psnr.append(psnr_rgb(l01, pred, ab))
             gray_psnr.append(psnr_rgb(l01, torch.zeros_like(ab), ab))
-            warp_psnr.append(psnr_rgb(l01, x[:, 1:3], ab))
+            warp_psnr.append(psnr_rgb(l01, x[:, WARPED_AB], ab))
             pred_chroma.append(chroma(pred).mean(dim=(1, 2, 3)))
             true_chroma.append(chroma(ab).mean(dim=(1, 2, 3)))
         self.model.train()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from archivecolor.models.layout import WARPED_AB
+
 # The target's VGG features that the U-Net reads as a semantic prior: (name, channels, stride).
 SEMANTIC_FEATURES = (("tf3", 256, 4), ("tf4", 512, 8), ("tf5", 512, 16))
 
@@ -80,5 +82,5 @@ class ColorUNet(nn.Module):
             h = block(torch.cat([up(h), skip], dim=1))
         out = self.head(h)
         trust = torch.sigmoid(out[:, 2:3])
-        ab = trust * x[:, 1:3] + (1.0 - trust) * torch.tanh(out[:, 0:2])
+        ab = trust * x[:, WARPED_AB] + (1.0 - trust) * torch.tanh(out[:, 0:2])
         return ab, trust

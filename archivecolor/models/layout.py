@@ -1,0 +1,21 @@
+"""The U-Net's 13-channel input, named once for the pipeline, the networks, training and the benchmark.
+
+Channel order as the correspondence graph writes it: L/100, the warped reference ab/128, five
+target→reference similarity maps (conv1 … conv5) and five round-trip (bidirectional) maps.
+"""
+
+L_CHANNEL = slice(0, 1)
+WARPED_AB = slice(1, 3)
+FORWARD_MAPS = slice(3, 8)
+ROUND_TRIP_MAPS = slice(8, 13)
+INPUT_CHANNELS = 13
+
+
+def forward_map(level: int) -> int:
+    """The channel of the target→reference similarity at VGG block ``level`` (1-5)."""
+    return FORWARD_MAPS.start + level - 1
+
+
+def round_trip_map(level: int) -> int:
+    """The channel of the round-trip similarity at VGG block ``level`` (1-5)."""
+    return ROUND_TRIP_MAPS.start + level - 1
