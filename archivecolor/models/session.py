@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from archivecolor.errors import ProviderUnavailable, UsageError
+from archivecolor.errors import ModelNotFound, ProviderUnavailable, UsageError
 from archivecolor.models.store import InstalledModel, verified_path
 
 PROVIDER_CHOICES = ("auto", "cuda", "cpu")
@@ -89,6 +89,21 @@ class ModelSession:
         return self.session.run(outputs, feeds)
 
 
+def check_signature(name: str, path: Path, session: ort.InferenceSession) -> None:
+    """Refuse a graph whose input and output names are not the ones this version's registry lists
+    (models installed by another version, or a user's own export with other names)."""
+    from archivecolor.models.registry import load_registry
+
+    spec = load_registry().get(name)
+    if spec is None:
+        return
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    if set(inputs) != set(spec.inputs) or not set(spec.outputs) <= set(outputs):
+        raise ModelNotFound(f"{path}: inputs {inputs} and outputs {outputs} are not this version's "
+                            f"({list(spec.inputs)} -> {list(spec.outputs)}); run `archivecolor models pull --force`")
+
+
 def open_session(name: str, provider: str = "auto", home: Path | None = None, threads: int = 0) -> ModelSession:
     """Verify ``name``'s file against the manifest and open it on ``provider`` (auto, cuda or cpu)."""
     path, entry = verified_path(name, home)
@@ -105,6 +120,7 @@ def open_session(name: str, provider: str = "auto", home: Path | None = None, th
         if provider == "cuda":
             raise ProviderUnavailable(f"{path}: cannot start on CUDA ({exc}); use --provider cpu") from exc
         raise ProviderUnavailable(f"{path}: ONNX Runtime cannot load it ({exc}); run `archivecolor models pull --force`") from exc
+    check_signature(name, path, session)
     actual = session.get_providers()
     if provider == "cuda" and _CUDA not in actual:
         raise ProviderUnavailable(f"{path}: CUDA was requested but ONNX Runtime fell back to {actual[0]}; "
