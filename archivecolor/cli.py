@@ -270,6 +270,8 @@ def run(
     max_pixels: int = typer.Option(400_000_000, help="refuse images larger than this (decompression bombs)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar, only the summary"),
     json_out: bool = typer.Option(False, "--json", help="print the full report as JSON on stdout"),
+    model_path: Path = typer.Option(None, "--model-path", help="your own U-Net exported with `python -m export` "
+                                                               "(instead of the installed one; its sha256 is recorded)"),
     engine: str = EngineOpt,
     ray_address: str = RayAddressOpt,
     workers: int = WorkersOpt,
@@ -286,7 +288,7 @@ def run(
     options = RunOptions(out=out, catalog=catalog, collection=collection, reference=reference, mapping=mapping,
                          top_k=top_k, working_size=working_size, batch_size=batch_size, provider=provider,
                          format=format, overwrite=overwrite, dry_run=dry_run, jobs=jobs, xmp_sidecar=xmp_sidecar,
-                         max_pixels=max_pixels, engine=engine, ray_address=ray_address, workers=workers,
+                         max_pixels=max_pixels, model_path=model_path, engine=engine, ray_address=ray_address, workers=workers,
                          gpus_per_worker=gpus_per_worker)
     stop = {"asked": False}
 

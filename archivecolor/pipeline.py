@@ -38,11 +38,12 @@ class Models:
 
     @classmethod
     def open(cls, provider: str = "auto", home: Path | None = None, backbone: str = DEFAULT_BACKBONE,
-             threads: int = 0) -> Models:
+             threads: int = 0, unet_path: Path | None = None) -> Models:
+        """The installed graphs; ``unet_path`` replaces the U-Net with a user's own export."""
         return cls(
             open_session(features_name(backbone), provider, home, threads),
             open_session("correspondence", provider, home, threads),
-            open_session("unet", provider, home, threads),
+            open_session("unet", provider, home, threads, path=unet_path),
             backbone,
         )
 

@@ -96,7 +96,8 @@ class ColorizeWorker:
 
         run_options = RunOptions.from_dict(options)
         run_options.threads = run_options.threads or 1
-        models = Models.open(run_options.provider, run_options.home, threads=run_options.threads)
+        models = Models.open(run_options.provider, run_options.home, threads=run_options.threads,
+                             unet_path=run_options.model_path)
         self.ctx = RunContext.create(Path(scans_dir), Path(out_dir), run_options, models)
         self.picker = ReferencePicker(run_options, Path(scans_dir), models)
         self.cache = ReferenceCache(models)
@@ -138,7 +139,7 @@ def colorize_folder_ray(scans_dir: Path, out_dir: Path, options, progress: Calla
     started = time.perf_counter()
     entries = list(file_walk(scans_dir))
     images = [p for p, kind in entries if kind == "image"]
-    models = Models.open("cpu", options.home, threads=1)  # for the ledger keys: the model hashes
+    models = Models.open("cpu", options.home, threads=1, unet_path=options.model_path)  # the ledger keys need their hashes
     picker = ReferencePicker(options, scans_dir, models)
     ctx = RunContext.create(scans_dir, out_dir, options, models)
     report = RunReport(scans_dir, out_dir, f"ray ({options.provider})", skipped_junk=sum(k == "junk" for _, k in entries))

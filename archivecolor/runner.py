@@ -120,12 +120,13 @@ class RunOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     threads: int = 0
     home: Path | None = None
+    model_path: Path | None = None  # a user's own U-Net export instead of the installed one
     engine: str = "local"  # local, or ray (archivecolor[ray]): the same outputs from a pool of Ray actors
     ray_address: str | None = None  # None starts a local Ray; "auto" or "ray://host:10001" joins a cluster
     workers: int = 2  # Ray actors, one CPU each
     gpus_per_worker: float = 0.0
 
-    _PATHS = ("out", "catalog", "reference", "mapping", "home")
+    _PATHS = ("out", "catalog", "reference", "mapping", "home", "model_path")
 
     def to_dict(self) -> dict:
         """Plain JSON-able values (paths as strings), e.g. to hand the options to another process."""
@@ -140,7 +141,8 @@ class RunOptions:
         """The parameters that change the output, as recorded in each sidecar."""
         return {"top_k": self.top_k, "working_size": self.working_size, "format": self.format,
                 "collection": self.collection, "reference": str(self.reference) if self.reference else None,
-                "mapping": str(self.mapping) if self.mapping else None, "engine": self.engine}
+                "mapping": str(self.mapping) if self.mapping else None, "engine": self.engine,
+                "model_path": str(self.model_path) if self.model_path else None}
 
     def ledger_parameters(self) -> dict:
         """The parameters that key the ledger: no paths, since the references are keyed by content."""
@@ -733,7 +735,7 @@ def _colorize_locked(scans_dir: Path, out_dir: Path, options: RunOptions,
     images = [p for p, kind in entries if kind == "image"]
     unusable = [(p, kind) for p, kind in entries if kind in _WALK_REASONS]
     walked = time.perf_counter()
-    models = Models.open(options.provider, options.home, threads=options.threads)
+    models = Models.open(options.provider, options.home, threads=options.threads, unet_path=options.model_path)
     picker = ReferencePicker(options, scans_dir, models)
     opened = time.perf_counter()
     ctx = RunContext.create(scans_dir, out_dir, options, models)

@@ -196,3 +196,20 @@ def test_interrupt_finishes_the_batch_and_resumes(tmp_path, reference, models_ho
         assert (out / r.output).exists() and (out / (r.output + ".json")).exists()
     second = colorize_folder(scans, RunOptions(out=out, reference=reference, batch_size=2))
     assert second.count("done") == 5 - first.count("done") and second.count("skipped") == first.count("done")
+
+
+def test_model_path_runs_a_users_own_unet_and_records_its_hash(tmp_path, reference, models_home):
+    from archivecolor.models.store import model_dir
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    Image.fromarray(gray_of(colour_photos(1, (128, 96))[0])).save(scans / "a.png")
+    own = tmp_path / "my-unet.onnx"
+    own.write_bytes((model_dir(models_home) / "unet.onnx").read_bytes())
+    result = _run(scans, "--out", tmp_path / "out", "--reference", reference, "--model-path", own)
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "out" / "a.png.json").read_text())
+    assert doc["models"]["unet"] == hashlib.sha256(own.read_bytes()).hexdigest()
+    assert doc["parameters"]["model_path"] == str(own)
+    missing = _run(scans, "--out", tmp_path / "o2", "--reference", reference, "--model-path", tmp_path / "nope.onnx")
+    assert missing.exit_code == 2 and "nope.onnx: no such file" in missing.output

@@ -18,6 +18,7 @@ import onnxruntime as ort
 
 from archivecolor.errors import ModelNotFound, ProviderUnavailable, UsageError
 from archivecolor.models.store import InstalledModel, verified_path
+from archivecolor.models.weights import sha256_file
 
 PROVIDER_CHOICES = ("auto", "cuda", "cpu")
 _CUDA = "CUDAExecutionProvider"
@@ -104,9 +105,19 @@ def check_signature(name: str, path: Path, session: ort.InferenceSession) -> Non
                             f"({list(spec.inputs)} -> {list(spec.outputs)}); run `archivecolor models pull --force`")
 
 
-def open_session(name: str, provider: str = "auto", home: Path | None = None, threads: int = 0) -> ModelSession:
-    """Verify ``name``'s file against the manifest and open it on ``provider`` (auto, cuda or cpu)."""
-    path, entry = verified_path(name, home)
+def open_session(name: str, provider: str = "auto", home: Path | None = None, threads: int = 0,
+                 path: Path | None = None) -> ModelSession:
+    """Verify ``name``'s file against the manifest and open it on ``provider`` (auto, cuda or cpu).
+
+    ``path``: a user's own export of that graph instead of the installed one (its sha256 is recorded;
+    its input and output names must be this version's).
+    """
+    if path is None:
+        path, entry = verified_path(name, home)
+    else:
+        if not Path(path).is_file():
+            raise UsageError(f"--model-path {path}: no such file; pass an ONNX U-Net exported with `python -m export`")
+        entry = InstalledModel(name, str(path), sha256_file(Path(path)), Path(path).stat().st_size, {"user_file": str(path)})
     providers = provider_list(provider)
     options = ort.SessionOptions()
     options.log_severity_level = 3
