@@ -263,6 +263,9 @@ def run(
     batch_size: int = typer.Option(4, help="scans per model batch"),
     provider: str = ProviderOpt,
     format: str = typer.Option("same", "--format", help="output format: same, tiff, png or jpeg"),
+    tiff_compression: str = typer.Option("zlib", "--tiff-compression",
+                                         help="TIFF outputs: zlib (read everywhere), zstd (faster to write; needs "
+                                              "a recent reader) or none (fastest, largest)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="redo files even when up to date"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list what would be done and with which reference"),
     jobs: int = typer.Option(2, help="threads for decoding and encoding"),
@@ -287,9 +290,9 @@ def run(
 
     options = RunOptions(out=out, catalog=catalog, collection=collection, reference=reference, mapping=mapping,
                          top_k=top_k, working_size=working_size, batch_size=batch_size, provider=provider,
-                         format=format, overwrite=overwrite, dry_run=dry_run, jobs=jobs, xmp_sidecar=xmp_sidecar,
-                         max_pixels=max_pixels, model_path=model_path, engine=engine, ray_address=ray_address, workers=workers,
-                         gpus_per_worker=gpus_per_worker)
+                         format=format, tiff_compression=tiff_compression, overwrite=overwrite, dry_run=dry_run,
+                         jobs=jobs, xmp_sidecar=xmp_sidecar, max_pixels=max_pixels, model_path=model_path,
+                         engine=engine, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
     stop = {"asked": False}
 
     def on_sigint(signum, frame):  # noqa: ANN001 - signal handler signature

@@ -26,6 +26,7 @@ from archivecolor.errors import ImageReadError, ImageTooLarge, ImageWriteError
 DEFAULT_MAX_PIXELS = 400_000_000
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
 JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
+TIFF_COMPRESSIONS = ("zlib", "zstd", "none")
 FORMAT_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "TIFF": ".tif", "BMP": ".bmp", "WEBP": ".webp"}
 _TIFF_ICC, _TIFF_XMP, _TIFF_ORIENTATION = 34675, 700, 274
 _EXIF_ORIENTATION = 0x0112
@@ -474,11 +475,15 @@ def encode_image(
     xmp: bytes | None = None,
     orientation: int = 1,
     jpeg_quality: int = 95,
+    tiff_compression: str = "zlib",
 ) -> bytes:
     """Encode ``rgb`` (H, W, 3) uint8 or uint16 as ``fmt`` with the given metadata; ``path`` names it in errors.
 
     JPEG, BMP and WebP are 8-bit: 16-bit data is reduced for them. PNG and TIFF keep 16 bits.
+    ``tiff_compression``: zlib (the most widely read), zstd (faster to write; needs a recent reader) or none.
     """
+    if tiff_compression not in TIFF_COMPRESSIONS:
+        raise ImageWriteError(f"{path}: unknown TIFF compression {tiff_compression!r}; use {', '.join(TIFF_COMPRESSIONS)}")
     fmt = fmt.upper()
     if rgb.dtype == np.uint16 and fmt in ("JPEG", "BMP", "WEBP"):
         rgb = to_uint8(rgb)
@@ -501,7 +506,8 @@ def encode_image(
                 extra.append((_TIFF_ICC, "B", len(icc), icc, True))
             if xmp:
                 extra.append((_TIFF_XMP, "B", len(xmp), xmp, True))
-            tifffile.imwrite(buffer, pixels, photometric="rgb", compression="zlib", metadata=None,
+            compression = None if tiff_compression == "none" else tiff_compression
+            tifffile.imwrite(buffer, pixels, photometric="rgb", compression=compression, metadata=None,
                              extrasamples=("unassalpha",) if alpha is not None else None, extratags=extra)
         elif fmt == "PNG":
             import imagecodecs

@@ -43,6 +43,7 @@ from archivecolor.errors import (
 from archivecolor.imageio import (
     DEFAULT_MAX_PIXELS,
     FORMAT_SUFFIX,
+    TIFF_COMPRESSIONS,
     Scan,
     encode_image,
     file_walk,
@@ -113,6 +114,7 @@ class RunOptions:
     batch_size: int = 4
     provider: str = "auto"
     format: str = "same"
+    tiff_compression: str = "zlib"
     overwrite: bool = False
     dry_run: bool = False
     jobs: int = 2
@@ -142,15 +144,18 @@ class RunOptions:
         return {"top_k": self.top_k, "working_size": self.working_size, "format": self.format,
                 "collection": self.collection, "reference": str(self.reference) if self.reference else None,
                 "mapping": str(self.mapping) if self.mapping else None, "engine": self.engine,
-                "model_path": str(self.model_path) if self.model_path else None}
+                "model_path": str(self.model_path) if self.model_path else None,
+                "tiff_compression": self.tiff_compression}
 
     def ledger_parameters(self) -> dict:
         """The parameters that key the ledger: no paths, since the references are keyed by content."""
         mode = "fixed" if self.reference else "mapping" if self.mapping else "catalogue"
         return {"top_k": self.top_k, "working_size": self.working_size, "format": self.format,
-                "collection": self.collection, "references": mode}
+                "collection": self.collection, "references": mode, "tiff_compression": self.tiff_compression}
 
     def check(self) -> None:
+        if self.tiff_compression not in TIFF_COMPRESSIONS:
+            raise UsageError(f"--tiff-compression {self.tiff_compression!r}: choose one of {', '.join(TIFF_COMPRESSIONS)}")
         if self.format not in FORMATS:
             raise UsageError(f"--format {self.format!r}: choose one of {', '.join(FORMATS)}")
         if self.working_size % 16 or self.working_size < 64:
@@ -456,7 +461,8 @@ class RunContext:
             return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
         run_key = digest({"models": models.hashes(), **options.ledger_parameters()})
-        output_key = digest({"models": models.hashes(), "working_size": options.working_size, "format": options.format})
+        output_key = digest({"models": models.hashes(), "working_size": options.working_size, "format": options.format,
+                             "tiff_compression": options.tiff_compression})
         return cls(scans_dir, out_dir, options, models, run_key, output_key)
 
     def file_key(self, reference_identity: str) -> str:
@@ -543,6 +549,7 @@ def write_outputs(ctx: RunContext, job: _Job, prediction: Prediction, loaded: li
     out_path = ctx.out_dir / job.output_rel
     bit_depth = 16 if rgb.dtype == np.uint16 and fmt in ("PNG", "TIFF") else 8
     data = encode_image(out_path, rgb, fmt, alpha=scan.alpha, icc=icc, exif=scan.exif,
+                        tiff_compression=ctx.options.tiff_compression,
                         xmp=xmp if embed_xmp else None, orientation=scan.orientation)
     encode_s = time.perf_counter() - t
     out_sha = sha256_bytes(data)

@@ -213,3 +213,23 @@ def test_model_path_runs_a_users_own_unet_and_records_its_hash(tmp_path, referen
     assert doc["parameters"]["model_path"] == str(own)
     missing = _run(scans, "--out", tmp_path / "o2", "--reference", reference, "--model-path", tmp_path / "nope.onnx")
     assert missing.exit_code == 2 and "nope.onnx: no such file" in missing.output
+
+
+def test_tiff_compression_choices_give_the_same_pixels(tmp_path, reference, models_home):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    gray16 = (gray_of(colour_photos(1, (128, 96))[0]).astype(np.uint16) * 257)
+    tifffile.imwrite(scans / "a.tif", gray16)
+    pixels = {}
+    for compression in ("zlib", "zstd", "none"):
+        out = tmp_path / compression
+        report = colorize_folder(scans, RunOptions(out=out, reference=reference, tiff_compression=compression))
+        assert report.count("done") == 1
+        with tifffile.TiffFile(out / "a.tif") as tif:
+            assert tif.pages[0].compression.name == {"zlib": "ADOBE_DEFLATE", "zstd": "ZSTD", "none": "NONE"}[compression]
+            pixels[compression] = tif.asarray()
+        assert json.loads((out / "a.tif.json").read_text())["parameters"]["tiff_compression"] == compression
+    assert np.array_equal(pixels["zlib"], pixels["zstd"]) and np.array_equal(pixels["zlib"], pixels["none"])
+    assert pixels["zlib"].dtype == np.uint16
+    with pytest.raises(UsageError, match="--tiff-compression"):
+        colorize_folder(scans, RunOptions(out=tmp_path / "bad", reference=reference, tiff_compression="lzw"))
