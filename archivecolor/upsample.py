@@ -26,6 +26,9 @@ BAND_MAX_FRACTION = 0.05
 # The network's output is least reliable next to an edge, the image's (VGG reads zero padding there) or a
 # frame's (a step it has never seen in a photo): chroma fades in over this fraction of the short side.
 EDGE_TAPER_FRACTION = 0.015
+# Next to a frame the network also sees the step from frame to picture (a plate's edge, a mount) and
+# paints a stripe of colour along it: chroma fades in over a wider band there.
+FRAME_TAPER_FRACTION = 0.05
 GUIDE_RADIUS = 2  # in working-size pixels
 GUIDE_EPS = 1e-3  # on L/100; larger is smoother, towards plain bilinear
 STRIP_ROWS = 512  # rows recombined at a time, bounding memory on huge scans
@@ -152,13 +155,38 @@ def frame_mask(l_low: np.ndarray) -> np.ndarray:
     return box_mean(grown[..., None].astype(np.float32), 1)[..., 0]
 
 
+def _ramp(inside: np.ndarray, depth: int) -> np.ndarray:
+    """0 on the border of ``inside`` (h, w bool), beyond which is outside, rising about linearly to 1 at
+    ``depth`` pixels in."""
+    padded = np.pad(inside.astype(np.float32), depth)
+    share = box_mean(padded[..., None], depth)[..., 0][depth:-depth, depth:-depth]
+    return np.clip(2.0 * share - 1.0, 0.0, 1.0)
+
+
+def _distance_along_lines(outside: np.ndarray) -> np.ndarray:
+    """Per pixel, the distance to the nearest ``outside`` pixel in the same row or column (inf if none):
+    exact for frames, which are bands along the sides."""
+    def along_rows(mask: np.ndarray) -> np.ndarray:
+        n = mask.shape[1]
+        idx = np.arange(n, dtype=np.float32)[None, :]
+        before = np.maximum.accumulate(np.where(mask, idx, -np.inf), axis=1)
+        after = np.minimum.accumulate(np.where(mask, idx, np.inf)[:, ::-1], axis=1)[:, ::-1]
+        return np.minimum(idx - before, after - idx)
+
+    return np.minimum(along_rows(outside), along_rows(outside.T).T)
+
+
 def fade_in_from_edges(keep: np.ndarray) -> np.ndarray:
-    """``keep`` (h, w) in [0, 1] (0 in frames) with chroma also fading in from every edge, the image's and
-    the frames': 0 on the edge, rising about linearly to 1 at ``EDGE_TAPER_FRACTION`` of the short side."""
-    depth = max(1, int(round(EDGE_TAPER_FRACTION * min(keep.shape))))
-    inside = np.pad((keep > 0.5).astype(np.float32), depth)  # beyond the image counts as an edge
-    share = box_mean(inside[..., None], depth)[..., 0][depth:-depth, depth:-depth]
-    return np.clip(2.0 * share - 1.0, 0.0, 1.0) * keep
+    """``keep`` (h, w) in [0, 1] (0 in frames) with chroma also fading in from every edge: over
+    ``EDGE_TAPER_FRACTION`` of the short side from the image's edges, over ``FRAME_TAPER_FRACTION`` from
+    a frame's inner edge."""
+    inside = keep > 0.5
+    short = min(keep.shape)
+    fade = _ramp(inside, max(1, int(round(EDGE_TAPER_FRACTION * short))))
+    if not inside.all():
+        depth = max(1, FRAME_TAPER_FRACTION * short)
+        fade = np.minimum(fade, np.clip(_distance_along_lines(~inside) / depth, 0.0, 1.0))
+    return fade * keep
 
 
 def recombine(

@@ -64,3 +64,21 @@ def test_working_size_keeps_aspect_in_multiples_of_16():
     assert working_size(512, 768, 256) == (256, 384)
     h, w = working_size(3000, 4500, 256)
     assert h % 16 == 0 and w % 16 == 0 and h == 256 and abs(w / h - 1.5) < 0.05
+
+
+def test_chroma_fades_in_from_a_frame_over_a_wider_band_than_from_the_image_edge():
+    from archivecolor.upsample import EDGE_TAPER_FRACTION, FRAME_TAPER_FRACTION, fade_in_from_edges
+
+    h, w = 400, 600
+    unframed = fade_in_from_edges(np.ones((h, w), dtype=np.float32))
+    edge = int(EDGE_TAPER_FRACTION * h)
+    assert unframed[0, w // 2] < 0.1 and unframed[edge + 1, w // 2] == 1 and unframed[h // 2, w // 2] == 1
+    keep = np.ones((h, w), dtype=np.float32)
+    keep[:20] = 0  # a frame band along the top, as thin as a plate's edge
+    framed = fade_in_from_edges(keep)
+    depth = FRAME_TAPER_FRACTION * h
+    column = framed[:, w // 2]
+    assert column[:20].max() == 0
+    assert 0.4 < column[20 + int(depth / 2)] < 0.6  # half way through the band, half the chroma
+    assert column[20 + int(depth) + 1] == 1 and framed[h // 2, w // 2] == 1
+    assert np.all(np.diff(column[20 : 20 + int(depth)]) >= 0)  # rises without a step
