@@ -589,7 +589,8 @@ def _write_records(ctx: RunContext, job: _Job, out_path: Path, fmt: str, bit_dep
     )
     write_sidecar(out_path, doc)
     result = FileResult(job.name, "done", printable_path(job.output_rel), references=refs,
-                        seconds=time.perf_counter() - job.t0, warnings=warnings)
+                        seconds=time.perf_counter() - job.t0, warnings=warnings, source_sha256=job.sha256,
+                        output_sha256=out_sha)
     return _Written(result, out_sha, [{"path": r["path"], "sha256": r["sha256"]} for r in refs], encode_s)
 
 
