@@ -126,7 +126,7 @@ def test_the_ledger_keys_on_reference_content_not_paths(tmp_path, photos, refere
     Image.fromarray(photos[3]).save(other)
     mapping = tmp_path / "map.csv"
     mapping.write_text(f"scan,reference\nscan0.png,{reference}\nscan1.png,{reference}\n")
-    assert colorize_folder(scans, RunOptions(out=out, mapping=mapping)).count("done") == 2
+    # A mapping that names the very references the outputs were made from leaves them up to date.
     assert colorize_folder(scans, RunOptions(out=out, mapping=mapping)).count("skipped") == 2
     mapping.write_text(f"scan,reference\nscan0.png,{reference}\nscan1.png,{other}\n")  # one row re-picked
     edited = colorize_folder(scans, RunOptions(out=out, mapping=mapping))
