@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -72,11 +73,15 @@ def _rows(records: list[dict], workers: int):
 
 def _map(dataset, actor: type, kwargs: dict, workers: int, gpus_per_worker: float):
     ray = _ray()
-    return dataset.map_batches(
-        actor, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1, num_gpus=gpus_per_worker or None,
-        max_restarts=-1, max_task_retries=TASK_RETRIES,
-    )
+    # The retry bound has no named parameter yet (Ray 2.60 deprecates the remote-args route for 2.64, hence
+    # the extra's upper bound); without it a file that kills its worker would be retried for ever.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return dataset.map_batches(
+            actor, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1, num_gpus=gpus_per_worker or None,
+            max_restarts=-1, max_task_retries=TASK_RETRIES,
+        )
 
 
 def _results(dataset) -> Iterator[dict]:
