@@ -234,12 +234,8 @@ class Catalog:
             if not pending:
                 return
             vectors = embed(np.concatenate([x for _, x in pending]))
-            with self.db.conn:
-                for (row, _), vec in zip(pending, vectors):
-                    row["embedding"] = np.asarray(vec, dtype=np.float32).tobytes()
-                    self._save(row)
+            self._save_embedded([(record, vec) for (record, _), vec in zip(pending, vectors)])
             pending.clear()
-            self._matrix = None
 
         for path, record in self.plan_folder(ref_dir, collection, tags, report, progress):
             try:
@@ -247,7 +243,7 @@ class Catalog:
             except Exception as exc:  # one failure boundary per file
                 report.failed.append((printable_path(path), failure_reason(exc, printable_path(path))))
                 continue
-            self.add_prepared({**record, **fields}, lightness, report, pending)
+            self.add_prepared({**record, **fields}, report, lightness, pending)
             if len(pending) >= batch_size:
                 flush()
         flush()
@@ -308,11 +304,11 @@ class Catalog:
             record["id"] = row[0]
         return record
 
-    def add_prepared(self, record: dict, lightness: np.ndarray | None, report: IndexReport,
+    def add_prepared(self, record: dict, report: IndexReport, lightness: np.ndarray | None = None,
                      pending: list[tuple[dict, np.ndarray]] | None = None, embedding: np.ndarray | None = None) -> None:
-        """Save a gray photo as refused, and a colour one with its ``embedding``, or queue its retrieval
-        input in ``pending`` to be embedded in a batch."""
-        if lightness is None:
+        """Save a gray photo (``record["is_colour"]`` 0) as refused, and a colour one with its ``embedding``,
+        or queue its retrieval input ``lightness`` in ``pending`` to be embedded in a batch."""
+        if not record["is_colour"]:
             report.refused_gray += 1
             record["embedding"] = None
             with self.db.conn:
@@ -321,12 +317,16 @@ class Catalog:
         report.updated += "id" in record
         report.added += "id" not in record
         if embedding is None:
-            assert pending is not None
+            assert pending is not None and lightness is not None
             pending.append((record, lightness))
             return
-        record["embedding"] = np.asarray(embedding, dtype=np.float32).tobytes()
+        self._save_embedded([(record, embedding)])
+
+    def _save_embedded(self, items: list[tuple[dict, np.ndarray]]) -> None:
         with self.db.conn:
-            self._save(record)
+            for record, vector in items:
+                record["embedding"] = np.asarray(vector, dtype=np.float32).tobytes()
+                self._save(record)
         self._matrix = None
 
     def _save(self, record: dict) -> None:

@@ -11,7 +11,6 @@ must be on storage every node sees at the same paths.
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -61,7 +60,7 @@ def _quiet_ray_data() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _rows(records: list[dict], workers: int):
+def _rows(records: list[dict]):
     """A Ray dataset of JSON records, one per block (up to MAX_BLOCKS), so that one file is one task."""
     ray = _ray()
     _quiet_ray_data()
@@ -117,7 +116,7 @@ class ColorizeWorker:
             task = json.loads(str(text))
             result = colorize_file(self.ctx, Path(task["source"]), task["references"], self.cache,
                                    task["file_key"], picker=self.picker, row=task["row"])
-            results.append(json.dumps({"task": task, "result": asdict(result), "pid": os.getpid()}))
+            results.append(json.dumps({"task": task, "result": asdict(result)}))
         return {"result": np.array(results, dtype=object)}
 
 
@@ -135,6 +134,7 @@ def colorize_folder_ray(scans_dir: Path, out_dir: Path, options, progress: Calla
         ReferencePicker,
         RunContext,
         RunReport,
+        ledger_keys,
         printable_path,
         record,
         remove_orphan_temp_files,
@@ -176,9 +176,7 @@ def colorize_folder_ray(scans_dir: Path, out_dir: Path, options, progress: Calla
                 finish(result)
                 continue
             row = ledger.get(name)
-            file_key = ctx.file_key(picker.identity(name))
-            known = picker.known_references(name)
-            content_key = ctx.content_key([picker.file_hash(r) for r in known]) if known else None
+            file_key, content_key = ledger_keys(ctx, picker, name)
             recorded = out_dir / row["output"] if row and row.get("output") else None
             if not options.overwrite and recorded is not None and up_to_date(picker, sha, file_key, content_key, recorded, row):
                 finish(FileResult(name, "skipped", row["output"], reason="up to date"))
@@ -189,7 +187,7 @@ def colorize_folder_ray(scans_dir: Path, out_dir: Path, options, progress: Calla
             started_ray = start(options.ray_address, options.workers)
             kwargs = {"scans_dir": str(scans_dir), "out_dir": str(out_dir), "options": options.to_dict()}
             done_names = set()
-            for item in _results(_map(_rows(tasks, options.workers), ColorizeWorker, kwargs, options.workers,
+            for item in _results(_map(_rows(tasks), ColorizeWorker, kwargs, options.workers,
                                       options.gpus_per_worker)):
                 result = FileResult(**item["result"])
                 task = item["task"]
@@ -274,7 +272,7 @@ def index_with_ray(cat, ref_dir: Path, collection: str | None, tags: list[str] |
             tasks = [{"path": path} for path in planned]
             kwargs = {"provider": provider, "home": str(home) if home else None}
             seen = set()
-            for item in _results(_map(_rows(tasks, workers), IndexWorker, kwargs, workers, gpus_per_worker)):
+            for item in _results(_map(_rows(tasks), IndexWorker, kwargs, workers, gpus_per_worker)):
                 path = item["task"]["path"]
                 seen.add(path)
                 if "error" in item:
@@ -282,8 +280,7 @@ def index_with_ray(cat, ref_dir: Path, collection: str | None, tags: list[str] |
                     continue
                 fields = {**item["fields"], "thumbnail": base64.b64decode(item["fields"]["thumbnail"])}
                 embedding = None if item["embedding"] is None else np.asarray(item["embedding"], dtype=np.float32)
-                lightness = None if embedding is None else np.empty(0)  # only whether it is colour matters here
-                cat.add_prepared({**planned[path], **fields}, lightness, report, embedding=embedding)
+                cat.add_prepared({**planned[path], **fields}, report, embedding=embedding)
             for path in set(planned) - seen:
                 report.failed.append((printable_path(path), f"{path}: its worker process died {TASK_RETRIES + 1} "
                                                             f"times on it; check its size and memory"))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -237,5 +236,5 @@ def render_page(cards: list[dict], out_dir: Path, report: ReviewReport) -> str:
     folders = sorted({c["folder"] for c in cards})
     return env.get_template("review.html.j2").render(
         cards=cards, data=data, folders=folders, review_id=review_id(out_dir), out_dir=printable_path(out_dir.resolve()),
-        report=report, low_match=LOW_MATCH, os_sep=os.sep,
+        report=report, low_match=LOW_MATCH,
     )

@@ -498,9 +498,7 @@ class _Job:
 
 @dataclass
 class _Written:
-    result: FileResult
-    output_sha256: str
-    references: list[dict]  # path and sha256 of each reference as read
+    result: FileResult  # carries the output's and the references' sha256s as written and read
     encode_s: float
 
 
@@ -591,7 +589,7 @@ def _write_records(ctx: RunContext, job: _Job, out_path: Path, fmt: str, bit_dep
     result = FileResult(job.name, "done", printable_path(job.output_rel), references=refs,
                         seconds=time.perf_counter() - job.t0, warnings=warnings, source_sha256=job.sha256,
                         output_sha256=out_sha)
-    return _Written(result, out_sha, [{"path": r["path"], "sha256": r["sha256"]} for r in refs], encode_s)
+    return _Written(result, encode_s)
 
 
 def up_to_date(picker: ReferencePicker, sha: str, file_key: str, content_key: str | None, out_path: Path,
@@ -609,6 +607,13 @@ def up_to_date(picker: ReferencePicker, sha: str, file_key: str, content_key: st
         return all(Path(r["path"]).is_file() and picker.file_hash(Path(r["path"])) == r["sha256"] for r in recorded)
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+def ledger_keys(ctx: RunContext, picker: ReferencePicker, name: str) -> tuple[str, str | None]:
+    """The scan's ledger key, and its content key where its references are known without retrieval."""
+    known = picker.known_references(name)
+    content_key = ctx.content_key([picker.file_hash(r) for r in known]) if known else None
+    return ctx.file_key(picker.identity(name)), content_key
 
 
 def plan_file(ctx: RunContext, picker: ReferencePicker, source: Path, scan: Scan, sha: str, row: dict | None,
@@ -630,9 +635,7 @@ def plan_file(ctx: RunContext, picker: ReferencePicker, source: Path, scan: Scan
         claimed[output_rel] = name
     if scan.pixels.ndim == 3 and not any("treated as gray" in w for w in scan.warnings):
         return FileResult(name, "skipped", reason="already a colour image; nothing to colorize")
-    file_key = ctx.file_key(picker.identity(name))
-    known = picker.known_references(name)
-    content_key = ctx.content_key([picker.file_hash(r) for r in known]) if known else None
+    file_key, content_key = ledger_keys(ctx, picker, name)
     if not options.dry_run:
         if not options.overwrite and up_to_date(picker, sha, file_key, content_key, out_path, row):
             return FileResult(name, "skipped", printable_path(output_rel), reason="up to date")
