@@ -12,17 +12,25 @@ app = typer.Typer(add_completion=False, help="Export the networks to ONNX (packa
 @app.command()
 def main(
     checkpoint: Path = typer.Option(None, help="training checkpoint for the U-Net (omit to keep the packaged one)"),
-    unet_only: bool = typer.Option(False, "--unet-only", help="write only the U-Net; keep the VGG and correspondence graphs"),
+    unet_only: bool = typer.Option(False, "--unet-only", help="write only the U-Net (same as --graph unet)"),
+    graph: list[str] = typer.Option(
+        None, "--graph", help="write only this graph (features, correspondence or unet; repeatable); the others "
+        "stay byte for byte, and keeping features keeps catalogues valid"),
 ) -> None:
     """Export VGG templates, the correspondence and (with --checkpoint) the U-Net.
 
     Example: python -m export --checkpoint runs/cpu-small/last.pt
     """
-    from export.onnx_export import export_all
+    from export.onnx_export import GRAPHS, export_all
 
-    if unet_only and checkpoint is None:
-        raise typer.BadParameter("--unet-only needs --checkpoint")
-    registry = export_all(checkpoint, unet_only=unet_only)
+    graphs = tuple(graph or (["unet"] if unet_only else GRAPHS))
+    unknown = sorted(set(graphs) - set(GRAPHS))
+    if unknown:
+        raise typer.BadParameter(f"unknown graph {', '.join(unknown)}; choose from {', '.join(GRAPHS)}",
+                                 param_hint="--graph")
+    if graphs == ("unet",) and checkpoint is None:
+        raise typer.BadParameter("exporting only the U-Net needs --checkpoint")
+    registry = export_all(checkpoint, graphs=graphs)
     for name, entry in registry["models"].items():
         typer.echo(f"{name:16} {entry['size']:>10,} B  {entry['sha256'][:12]}  {entry['file']}")
 

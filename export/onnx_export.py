@@ -108,29 +108,35 @@ def write_asset(model: onnx.ModelProto, name: str, kind: str, asset_dir: Path = 
     return entry
 
 
-def export_all(unet_checkpoint: Path | None, asset_dir: Path = ASSET_DIR, unet_only: bool = False) -> dict:
-    """Export every graph (or, with ``unet_only``, just the U-Net) into ``asset_dir`` and write its ``registry.json``.
+GRAPHS = ("features", "correspondence", "unet")
 
-    ``unet_only`` keeps the VGG and correspondence graphs byte for byte, so that catalogues built with
-    them stay valid.
+
+def export_all(unet_checkpoint: Path | None, asset_dir: Path = ASSET_DIR, graphs: tuple[str, ...] = GRAPHS) -> dict:
+    """Export the named ``graphs`` into ``asset_dir`` and update its ``registry.json``; the U-Net only
+    with a ``unet_checkpoint``.
+
+    Graphs left out stay byte for byte: leaving out ``features`` keeps catalogues built with it valid.
     """
+    unknown = set(graphs) - set(GRAPHS)
+    if unknown:
+        raise ValueError(f"unknown graphs {sorted(unknown)}; choose from {', '.join(GRAPHS)}")
     registry_path = asset_dir / "registry.json"
     registry = json.loads(registry_path.read_text()) if registry_path.exists() else {"models": {}}
     # VGG-16 only: the U-Net reads VGG-16 features (and no offline VGG-19 weights exist to train one).
     registry["models"].pop("vgg19_features", None)
     (asset_dir / "vgg19_features.onnx").unlink(missing_ok=True)
-    for backbone in () if unet_only else ("vgg16",):
-        vgg = VGGFeatures(backbone)
+    if "features" in graphs:
+        vgg = VGGFeatures("vgg16")
         with torch.no_grad():  # distinct values, so the exporter cannot merge equal initializers
             for p in vgg.parameters():
                 p.normal_()
         model = strip_weights(export_features(vgg), set(vgg.state_dict()))
-        registry["models"][f"{backbone}_features"] = write_asset(
-            model, f"{backbone}_features", "features", asset_dir, {"backbone": backbone, "template": True})
-    if not unet_only:
+        registry["models"]["vgg16_features"] = write_asset(
+            model, "vgg16_features", "features", asset_dir, {"backbone": "vgg16", "template": True})
+    if "correspondence" in graphs:
         registry["models"]["correspondence"] = write_asset(export_correspondence(), "correspondence", "correspondence",
                                                            asset_dir)
-    if unet_checkpoint is not None:
+    if "unet" in graphs and unet_checkpoint is not None:
         ckpt = torch.load(unet_checkpoint, map_location="cpu", weights_only=True)
         semantic = ckpt["config"].get("semantic", False)
         unet = ColorUNet(width=ckpt["config"]["width"], semantic=semantic)

@@ -2,6 +2,11 @@
 
 Dense cosine matching runs only at stride 8, where it is cheap; the match is carried to the finer
 layers as a flow field. The output is the U-Net's 13-channel input.
+
+The graph is written for ONNX Runtime's CPU provider: every bilinear lookup is one row gather from a
+channel-last table (its GridSample is slower than the whole rest of the graph), each sampling grid's
+taps are computed once and shared by every tensor read at that grid, and the 3×3 refinement scores
+are combined from the dot products with a 4×4 integer neighbourhood rather than nine resampled copies.
 """
 
 from __future__ import annotations
@@ -11,11 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 TEMPERATURE = 0.01
+EPS = 1e-6
 
 
 def _centred_unit(f: torch.Tensor) -> torch.Tensor:
     """Subtract the per-image channel mean, then L2-normalise each position (B, C, H, W)."""
-    return F.normalize(f - f.mean(dim=(2, 3), keepdim=True), dim=1, eps=1e-6)
+    return F.normalize(f - f.mean(dim=(2, 3), keepdim=True), dim=1, eps=EPS)
 
 
 def _descriptor(f3: torch.Tensor, f4: torch.Tensor, f5: torch.Tensor) -> torch.Tensor:
@@ -36,72 +42,102 @@ def _grid(h: torch.Tensor, w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.stack([gx, gy], dim=-1).reshape(-1, 2)
 
 
+def _resize(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
 def _resize_field(field: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
     """Resize a (B, 2, h, w) coordinate field and return it as a (B, H, W, 2) sampling grid."""
-    return F.interpolate(field, size=size, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+    return _resize(field, size).permute(0, 2, 3, 1)
 
 
-class _Sampler:
-    """Bilinear sampling of x (B, C, H, W) at grids (B, h, w, 2), border padding, align_corners=False.
+class _Raster:
+    """An (H, W) raster of a batch, for bilinear lookups with border padding (grid_sample's arithmetic,
+    align_corners=False). Sizes are tensors, so eager mode and the traced dynamic-shape graph agree."""
 
-    The same arithmetic as ``F.grid_sample``, written with one row-gather table built once per
-    tensor: ONNX Runtime's CPU GridSample is slower than the whole rest of the graph.
-    """
+    def __init__(self, like: torch.Tensor) -> None:
+        self.height = torch.ones_like(like[:1, :1, :, :1]).sum()
+        self.width = torch.ones_like(like[:1, :1, :1, :]).sum()
+        batch = torch.cumsum(torch.ones_like(like[:, :1, :1, :1]), dim=0) - 1.0  # (B, 1, 1, 1)
+        self.offset = batch[:, 0] * (self.height * self.width)  # (B, 1, 1): first row of each image
 
-    def __init__(self, x: torch.Tensor) -> None:
-        self.channels = x.shape[1]
-        self.height = torch.ones_like(x[:1, :1, :, :1]).sum()
-        self.width = torch.ones_like(x[:1, :1, :1, :]).sum()
-        self.table = x.permute(0, 2, 3, 1).reshape(-1, self.channels)
-        batch = torch.cumsum(torch.ones_like(x[:, :1, :1, :1]), dim=0) - 1.0  # (B, 1, 1, 1)
-        self.offset = batch[:, 0] * (self.height * self.width)  # (B, 1, 1)
+    def pixels(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel coordinates (x, y), each (B, h, w), of a normalised grid, clamped to the raster."""
+        px = ((grid[..., 0] + 1.0) * self.width - 1.0) / 2.0
+        py = ((grid[..., 1] + 1.0) * self.height - 1.0) / 2.0
+        return (torch.minimum(px.clamp(min=0.0), self.width - 1.0),
+                torch.minimum(py.clamp(min=0.0), self.height - 1.0))
 
-    def __call__(self, grid: torch.Tensor) -> torch.Tensor:
-        width, height = self.width, self.height
-        px = torch.minimum((((grid[..., 0] + 1.0) * width - 1.0) / 2.0).clamp(min=0.0), width - 1.0)
-        py = torch.minimum((((grid[..., 1] + 1.0) * height - 1.0) / 2.0).clamp(min=0.0), height - 1.0)
+    def columns(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer columns clamped to the raster (border padding)."""
+        return torch.minimum(x.clamp(min=0.0), self.width - 1.0)
+
+    def row_starts(self, y: torch.Tensor) -> torch.Tensor:
+        """Flat index of the first pixel of integer rows clamped to the raster, in a (B*H*W, C) table."""
+        return self.offset + torch.minimum(y.clamp(min=0.0), self.height - 1.0) * self.width
+
+    def taps(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The four bilinear taps of ``grid`` (B, h, w, 2): row indices (B, h, w, 4) and weights (B, h, w, 4, 1)."""
+        px, py = self.pixels(grid)
         x0, y0 = px.floor(), py.floor()
-        wx, wy = (px - x0).unsqueeze(-1), (py - y0).unsqueeze(-1)
-        x1 = torch.minimum(x0 + 1.0, width - 1.0)
-        y1 = torch.minimum(y0 + 1.0, height - 1.0)
-
-        def gather(yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
-            index = (self.offset + yy * width + xx).long().reshape(-1)
-            return self.table[index].reshape(grid.shape[0], grid.shape[1], grid.shape[2], self.channels)
-
-        top = gather(y0, x0) * (1.0 - wx) + gather(y0, x1) * wx
-        bottom = gather(y1, x0) * (1.0 - wx) + gather(y1, x1) * wx
-        return (top * (1.0 - wy) + bottom * wy).permute(0, 3, 1, 2)
+        wx, wy = px - x0, py - y0
+        top, bottom = self.row_starts(y0), self.row_starts(y0 + 1.0)
+        left, right = self.columns(x0), self.columns(x0 + 1.0)
+        index = torch.stack([top + left, top + right, bottom + left, bottom + right], dim=-1).long()
+        weight = torch.stack([(1.0 - wx) * (1.0 - wy), wx * (1.0 - wy), (1.0 - wx) * wy, wx * wy], dim=-1)
+        return index, weight.unsqueeze(-1)
 
 
-def _sample(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    return _Sampler(x)(grid)
+def _channels_last(*xs: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) of same-size (B, C, H, W) tensors, stacked along the channels: a lookup table."""
+    return (torch.cat(xs, dim=1) if len(xs) > 1 else xs[0]).permute(0, 2, 3, 1)
+
+
+def _gather(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of a (B, H, W, C) table at flat indices (B, h, w, k): (B, h, w, k, C)."""
+    rows = table.reshape(-1, table.shape[-1])[index.reshape(-1)]
+    return rows.reshape(index.shape[0], index.shape[1], index.shape[2], index.shape[3], -1)
+
+
+def _sample(table: torch.Tensor, taps: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Bilinear lookup of a (B, H, W, C) table at precomputed taps: (B, h, w, C)."""
+    index, weight = taps
+    return (_gather(table, index) * weight).sum(dim=-2)
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (F.normalize(a, dim=1, eps=1e-6) * F.normalize(b, dim=1, eps=1e-6)).sum(dim=1, keepdim=True)
+    """Cosine similarity along the last axis, keeping it."""
+    norms = a.norm(dim=-1, keepdim=True).clamp(min=EPS) * b.norm(dim=-1, keepdim=True).clamp(min=EPS)
+    return (a * b).sum(dim=-1, keepdim=True) / norms
 
 
 def _refine(flow: torch.Tensor, t: torch.Tensor, r: torch.Tensor, temperature: float) -> torch.Tensor:
     """Refine a flow at ``t``'s resolution: soft-argmax over the 3×3 reference neighbours of each match.
 
     flow: (B, 2, h', w') coarser flow in normalised reference coordinates; returns (B, 2, h, w).
+    A neighbour one pixel away has the same bilinear weights on a shifted set of pixels, and the score
+    is linear in the sampled vector, so the nine scores are bilinear blends of the dot products with
+    the 4×4 pixels around the match (exact, border clamping included). A match beyond the outer pixel
+    centres (a refined flow can overshoot by up to a pixel) is scored from the nearest centre.
     """
     grid = _resize_field(flow, t.shape[-2:])  # (B, h, w, 2)
-    # Sizes as tensors, so that eager mode and the traced (dynamic-shape) graph compute the same.
-    hr = torch.ones_like(r[:1, :1, :, :1]).sum()
-    wr = torch.ones_like(r[:1, :1, :1, :]).sum()
-    step = torch.stack([2.0 / wr, 2.0 / hr])
-    tn = _centred_unit(t)
-    sample_rn = _Sampler(_centred_unit(r))
-    candidates, scores = [], []
-    for dy in (-1.0, 0.0, 1.0):
-        for dx in (-1.0, 0.0, 1.0):
-            g = grid + torch.stack([dx * step[0], dy * step[1]])
-            candidates.append(g)
-            scores.append((tn * sample_rn(g)).sum(dim=1))  # (B, h, w)
-    weights = torch.softmax(torch.stack(scores, dim=-1) / temperature, dim=-1)  # (B, h, w, 9)
-    refined = (torch.stack(candidates, dim=-2) * weights.unsqueeze(-1)).sum(dim=-2)  # (B, h, w, 2)
+    raster = _Raster(r)
+    px, py = raster.pixels(grid)
+    x0, y0 = px.floor(), py.floor()
+    wx, wy = (px - x0).unsqueeze(-1), (py - y0).unsqueeze(-1)
+    shifts = (-1.0, 0.0, 1.0, 2.0)
+    columns = [raster.columns(x0 + dx) for dx in shifts]
+    index = torch.stack([raster.row_starts(y0 + dy) + x for dy in shifts for x in columns], dim=-1).long()  # (B, h, w, 16)
+    tn = _channels_last(_centred_unit(t)).unsqueeze(-2)  # (B, h, w, 1, C)
+    dots = (_gather(_channels_last(_centred_unit(r)), index) * tn).sum(dim=-1)  # (B, h, w, 16)
+    dots = dots.reshape(dots.shape[0], dots.shape[1], dots.shape[2], 4, 4)  # [..., row y0-1..y0+2, column]
+    across = dots[..., :3] * (1.0 - wx.unsqueeze(-1)) + dots[..., 1:] * wx.unsqueeze(-1)  # (B, h, w, 4, 3)
+    scores = across[..., :3, :] * (1.0 - wy.unsqueeze(-1)) + across[..., 1:, :] * wy.unsqueeze(-1)  # [.., dy, dx]
+    weights = torch.softmax(scores.flatten(-2) / temperature, dim=-1).unflatten(-1, (3, 3))
+    # The soft-argmax of the candidates grid + (dx, dy) pixels is the grid plus the expected shift.
+    shift_x = weights[..., 2].sum(dim=-1) - weights[..., 0].sum(dim=-1)
+    shift_y = weights[..., 2, :].sum(dim=-1) - weights[..., 0, :].sum(dim=-1)
+    refined = grid + torch.stack([shift_x * (2.0 / raster.width), shift_y * (2.0 / raster.height)], dim=-1)
     return refined.permute(0, 3, 1, 2)
 
 
@@ -150,15 +186,16 @@ class Correspondence(nn.Module):
         size = l.shape[-2:]
         forward_maps, reverse_maps = [], []
         for t, r, flow in zip(tf, rf, level_flows):
-            grid = _resize_field(flow, t.shape[-2:])
-            matched = _sample(r, grid)
-            forward_maps.append(_cosine(t, matched))
-            # Where the matched reference point maps back to in the target (bidirectional check).
-            back = _sample(F.interpolate(flow_rt, size=r.shape[-2:], mode="bilinear", align_corners=False), grid)
-            reverse_maps.append(_cosine(matched, _sample(t, back.permute(0, 2, 3, 1))))
-        maps = [
-            F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in forward_maps + reverse_maps
-        ]
+            # One lookup gives the matched reference vector and where that point maps back to in the
+            # target (the bidirectional check).
+            found = _sample(_channels_last(r, _resize(flow_rt, r.shape[-2:])),
+                            _Raster(r).taps(_resize_field(flow, t.shape[-2:])))
+            matched, back = found[..., :-2], found[..., -2:]
+            target = _channels_last(t)
+            forward_maps.append(_cosine(target, matched))
+            reverse_maps.append(_cosine(matched, _sample(target, _Raster(t).taps(back))))
+        maps = [_resize(m.permute(0, 3, 1, 2), size) for m in forward_maps + reverse_maps]
         smoothed_ab = F.avg_pool2d(ref_ab, 3, stride=1, padding=1, count_include_pad=False)
-        warped_ab = _sample(smoothed_ab, _resize_field(fine_2, size))
+        warped_ab = _sample(_channels_last(smoothed_ab), _Raster(smoothed_ab).taps(_resize_field(fine_2, size)))
+        warped_ab = warped_ab.permute(0, 3, 1, 2)
         return torch.cat([l, warped_ab, *maps], dim=1)
