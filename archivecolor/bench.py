@@ -180,6 +180,7 @@ class BenchOptions:
     lpips_net: str = "alex"
     home: Path | None = None
     figures: bool = True
+    precision: str = "fp32"
 
 
 @dataclass
@@ -237,13 +238,15 @@ def run_bench(
     catalog_path = options.catalog
     if options.references is not None:
         catalog_path = out / "references.sqlite"
-        index_references(options.references, catalog_path, provider=options.provider, home=options.home)
+        index_references(options.references, catalog_path, provider=options.provider, home=options.home,
+                         precision=options.precision)
     if catalog_path is None:
         raise UsageError("pass --catalog PATH or --references DIR for the references")
     items = _test_images(testsets, options.limit)
-    models = Models.open(options.provider, options.home)
+    models = Models.open(options.provider, options.home, precision=options.precision)
     cache = ReferenceCache(models)
     catalog = Catalog.open(catalog_path)
+    catalog.check_model(models.backbone, models.features.model.sha256, "gem", models.precision)
     lpips_metric = LPIPS(options.lpips_net, download_dir=default_download_dir(options.home))
     times = StageTimes()
     stage = {"decode": 0.0, "recombine": 0.0}
@@ -304,7 +307,8 @@ def run_bench(
     report = _report(samples, scores, options, models, elapsed, times, stage, cache, catalog_path, testsets)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     if options.figures:
-        unet_path = model_dir(options.home) / models.unet.model.file
+        # Grad-CAM rebuilds the float U-Net in torch from the graph's weights; an int8 graph has none to read.
+        unet_path = model_dir(options.home) / models.unet.model.file if models.precision == "fp32" else None
         report["figures"] = write_figures(samples, scores, options.methods, out, unet_path)
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
@@ -343,7 +347,7 @@ def _report(samples, scores, options, models, elapsed, times, stage, cache, cata
             "stage_seconds": {"decode": round(stage["decode"], 3), "features": round(times.features, 3),
                               "correspondence": round(times.correspondence, 3), "unet": round(times.unet, 3),
                               "recombine": round(stage["recombine"], 3)},
-            "provider": models.provider, "batch_size": 1,
+            "provider": models.provider, "precision": models.precision, "batch_size": 1,
             "threads": models.unet.session.get_session_options().intra_op_num_threads or "default",
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "reference_cache": {"hits": cache.hits, "misses": cache.misses},
@@ -382,7 +386,8 @@ def markdown(report: dict) -> str:
             lines.append(f"| {group} | {name} | " + " | ".join(fmt) + " |")
     tp = report["throughput"]
     lines += ["", f"Throughput: {tp['images']} images in {tp['seconds']} s ({tp['images_per_s']} images/s) on "
-              f"{tp['provider']}, peak RSS {tp['peak_rss_mb']} MB; stage seconds: {tp['stage_seconds']}", ""]
+              f"{tp['provider']} ({tp.get('precision', 'fp32')}),"
+              f" peak RSS {tp['peak_rss_mb']} MB; stage seconds: {tp['stage_seconds']}", ""]
     for fig in report.get("figures", []):
         lines.append(f"![{fig}]({fig})")
     return "\n".join(lines) + "\n"
@@ -436,7 +441,8 @@ def write_figures(samples: list[Sample], scores: dict, methods: tuple[str, ...],
             panels = (("warped reference", _rgb(s.l, p.x13[WARPED_AB].transpose(1, 2, 0) * 128)),
                       ("similarity conv2 (t→r)", p.x13[forward_map(2)]), ("similarity conv5 (t→r)", p.x13[forward_map(5)]),
                       ("round-trip similarity conv3", p.x13[round_trip_map(3)]), ("trust in reference", p.trust),
-                      ("Grad-CAM (U-Net bottleneck)", gradcam(p.x13, p.semantic) if gradcam else np.zeros_like(p.trust)))
+                      ("Grad-CAM (U-Net bottleneck)" if gradcam else "Grad-CAM: float U-Net only",
+                       gradcam(p.x13, p.semantic) if gradcam else np.zeros_like(p.trust)))
             for col, (title, img) in enumerate(panels):
                 axes[row, col].imshow(img, cmap=None if img.ndim == 3 else "magma",
                                       vmin=None if img.ndim == 3 else 0, vmax=None if img.ndim == 3 else 1)

@@ -197,17 +197,24 @@ class Catalog:
             for key, value in values.items():
                 self.db["meta"].upsert({"key": key, "value": value}, pk="key")
 
-    def check_model(self, backbone: str, features_sha256: str, embedding: str) -> None:
-        """Refuse embeddings from another backbone, features graph or embedding kind."""
+    @property
+    def precision(self) -> str:
+        """The precision of the features graph that made the embeddings (fp32 or int8)."""
+        return self.meta("precision") or "fp32"
+
+    def check_model(self, backbone: str, features_sha256: str, embedding: str, precision: str = "fp32") -> None:
+        """Refuse embeddings from another backbone, features graph, precision or embedding kind."""
         stored = (self.meta("backbone"), self.meta("features_sha256"), self.meta("embedding"))
         if stored == (None, None, None) or self.count() == 0:
-            self.set_meta(backbone=backbone, features_sha256=features_sha256, embedding=embedding)
+            self.set_meta(backbone=backbone, features_sha256=features_sha256, embedding=embedding, precision=precision)
             return
         if stored != (backbone, features_sha256, embedding):
+            hint = ("index and run must use the same --precision; " if precision != self.precision else "")
             raise CatalogError(
-                f"{self.path}: built with {stored[0]} / features {str(stored[1])[:12]} / {stored[2]} embeddings, "
-                f"but this run uses {backbone} / {features_sha256[:12]} / {embedding}; re-index into a new "
-                f"catalogue (--catalog NEW.sqlite) or rebuild this one with `archivecolor index --rebuild`"
+                f"{self.path}: built with {stored[0]} / {self.precision} features {str(stored[1])[:12]} / {stored[2]} "
+                f"embeddings, but this run uses {backbone} / {precision} features {features_sha256[:12]} / {embedding}; "
+                f"{hint}re-index into a new catalogue (--catalog NEW.sqlite) or rebuild this one with "
+                f"`archivecolor index --rebuild`"
             )
 
     def count(self, colour_only: bool = False) -> int:
@@ -446,11 +453,11 @@ def prepare_photo(path: Path) -> tuple[dict, np.ndarray | None]:
     return fields, centre_square(to_upright(scan.lightness(), scan.orientation)) if colour else None
 
 
-def _features_session(provider: str, home: Path | None):
+def _features_session(provider: str, home: Path | None, precision: str = "fp32"):
     from archivecolor.models.registry import DEFAULT_BACKBONE, features_name
-    from archivecolor.models.session import open_session
+    from archivecolor.models.session import open_precision
 
-    return open_session(features_name(DEFAULT_BACKBONE), provider, home)
+    return open_precision(features_name(DEFAULT_BACKBONE), precision, provider, home)
 
 
 def index_references(
@@ -468,29 +475,31 @@ def index_references(
     ray_address: str | None = None,
     workers: int = 2,
     gpus_per_worker: float = 0.0,
+    precision: str = "fp32",
 ) -> IndexReport:
     """Index the colour photos under ``ref_dir`` into the catalogue (created if absent).
 
     ``engine="ray"`` reads and embeds the photos on a pool of Ray actors (``workers``, joining the cluster
     at ``ray_address`` or starting a local one); this process plans and writes the catalogue.
+    ``precision`` int8 embeds with the int8 VGG (`models pull --int8`); runs with it need such a catalogue.
     """
     from archivecolor.errors import UsageError
     from archivecolor.models.registry import DEFAULT_BACKBONE
 
     if not Path(ref_dir).is_dir():
         raise UsageError(f"{ref_dir}: not a folder; pass the folder of colour reference photos")
-    session = _features_session(provider, home)
+    session = _features_session(provider, home, precision)
     with Catalog.open(catalog, create=True) as cat:
         if rebuild:
             with cat.db.conn:
                 cat.db.execute("delete from photos")
-        cat.check_model(DEFAULT_BACKBONE, session.model.sha256, DEFAULT_EMBEDDING)
+        cat.check_model(DEFAULT_BACKBONE, session.model.sha256, DEFAULT_EMBEDDING, precision)
 
         if engine == "ray":
             from archivecolor.ray_engine import index_with_ray
 
             return index_with_ray(cat, Path(ref_dir), collection, tags, prune, progress, provider, home,
-                                  ray_address, workers, gpus_per_worker)
+                                  ray_address, workers, gpus_per_worker, precision)
         if engine != "local":
             raise UsageError(f"--engine {engine!r}: choose local or ray")
 
@@ -512,12 +521,13 @@ def search_images(
     images: list[Path], catalog: Path | None = None, k: int = 5, collection: str | None = None, tag: str | None = None,
     provider: str = "auto", home: Path | None = None,
 ) -> list[list[Match]]:
-    """The catalogue's nearest references to each image (its gray L), best first, never the image itself."""
+    """The catalogue's nearest references to each image (its gray L), best first, never the image itself.
+    The query runs at the precision the catalogue was built with."""
     from archivecolor.models.registry import DEFAULT_BACKBONE
 
-    session = _features_session(provider, home)
     with Catalog.open(catalog) as cat:
-        cat.check_model(DEFAULT_BACKBONE, session.model.sha256, DEFAULT_EMBEDDING)
+        session = _features_session(provider, home, cat.precision)
+        cat.check_model(DEFAULT_BACKBONE, session.model.sha256, DEFAULT_EMBEDDING, cat.precision)
         results = []
         for image in images:
             scan = read_image(image)

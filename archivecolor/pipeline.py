@@ -19,7 +19,7 @@ from archivecolor.errors import ImageReadError
 from archivecolor.imageio import Scan, from_upright, read_image, to_upright
 from archivecolor.models.layout import FORWARD_MAPS
 from archivecolor.models.registry import DEFAULT_BACKBONE, features_name
-from archivecolor.models.session import ModelSession, open_session
+from archivecolor.models.session import ModelSession, open_precision, open_session
 from archivecolor.models.weights import sha256_file
 from archivecolor.upsample import box_mean, recombine, resize_plane, working_size
 
@@ -35,16 +35,19 @@ class Models:
     correspondence: ModelSession
     unet: ModelSession
     backbone: str = DEFAULT_BACKBONE
+    precision: str = "fp32"
 
     @classmethod
     def open(cls, provider: str = "auto", home: Path | None = None, backbone: str = DEFAULT_BACKBONE,
-             threads: int = 0, unet_path: Path | None = None) -> Models:
-        """The installed graphs; ``unet_path`` replaces the U-Net with a user's own export."""
+             threads: int = 0, unet_path: Path | None = None, precision: str = "fp32") -> Models:
+        """The installed graphs; ``unet_path`` replaces the U-Net with a user's own export; ``precision``
+        int8 runs the VGG features and the U-Net as installed by ``models pull --int8``."""
         return cls(
-            open_session(features_name(backbone), provider, home, threads),
+            open_precision(features_name(backbone), precision, provider, home, threads),
             open_session("correspondence", provider, home, threads),
-            open_session("unet", provider, home, threads, path=unet_path),
+            open_precision("unet", "fp32" if unet_path else precision, provider, home, threads, unet_path),
             backbone,
+            precision,
         )
 
     @property

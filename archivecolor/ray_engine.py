@@ -101,7 +101,7 @@ class ColorizeWorker:
         run_options = RunOptions.from_dict(options)
         run_options.threads = run_options.threads or 1
         models = Models.open(run_options.provider, run_options.home, threads=run_options.threads,
-                             unet_path=run_options.model_path)
+                             unet_path=run_options.model_path, precision=run_options.precision)
         self.ctx = RunContext.create(Path(scans_dir), Path(out_dir), run_options, models)
         self.picker = ReferencePicker(run_options, Path(scans_dir), models)
         self.cache = ReferenceCache(models)
@@ -144,7 +144,8 @@ def colorize_folder_ray(scans_dir: Path, out_dir: Path, options, progress: Calla
     started = time.perf_counter()
     entries = list(file_walk(scans_dir))
     images = [p for p, kind in entries if kind == "image"]
-    models = Models.open("cpu", options.home, threads=1, unet_path=options.model_path)  # the ledger keys need their hashes
+    # The ledger keys need the models' hashes.
+    models = Models.open("cpu", options.home, threads=1, unet_path=options.model_path, precision=options.precision)
     picker = ReferencePicker(options, scans_dir, models)
     ctx = RunContext.create(scans_dir, out_dir, options, models)
     report = RunReport(scans_dir, out_dir, f"ray ({options.provider})", skipped_junk=sum(k == "junk" for _, k in entries))
@@ -222,10 +223,10 @@ def colorize_folder_ray(scans_dir: Path, out_dir: Path, options, progress: Calla
 class IndexWorker:
     """A Ray actor that reads reference photos and embeds them; the driver writes the catalogue."""
 
-    def __init__(self, provider: str, home: str | None) -> None:
+    def __init__(self, provider: str, home: str | None, precision: str) -> None:
         from archivecolor.catalog import DEFAULT_EMBEDDING, _features_session
 
-        self.session = _features_session(provider, Path(home) if home else None)
+        self.session = _features_session(provider, Path(home) if home else None, precision)
         self.output = f"embedding_{DEFAULT_EMBEDDING}"
 
     def __call__(self, batch: dict) -> dict:
@@ -254,7 +255,7 @@ class IndexWorker:
 
 def index_with_ray(cat, ref_dir: Path, collection: str | None, tags: list[str] | None, prune: bool,
                    progress: Callable | None, provider: str, home: Path | None, address: str | None, workers: int,
-                   gpus_per_worker: float):
+                   gpus_per_worker: float, precision: str = "fp32"):
     """``index --engine ray``: plan here, read and embed on the actors, write the catalogue here."""
     import base64
 
@@ -270,7 +271,7 @@ def index_with_ray(cat, ref_dir: Path, collection: str | None, tags: list[str] |
         started_ray = start(address, workers)
         try:
             tasks = [{"path": path} for path in planned]
-            kwargs = {"provider": provider, "home": str(home) if home else None}
+            kwargs = {"provider": provider, "home": str(home) if home else None, "precision": precision}
             seen = set()
             for item in _results(_map(_rows(tasks), IndexWorker, kwargs, workers, gpus_per_worker)):
                 path = item["task"]["path"]

@@ -54,6 +54,7 @@ from archivecolor.imageio import (
     to_upright,
     write_file,
 )
+from archivecolor.models.session import PRECISIONS
 from archivecolor.models.weights import sha256_bytes, sha256_file
 from archivecolor.pipeline import (
     DEFAULT_WORKING_SIZE,
@@ -127,6 +128,7 @@ class RunOptions:
     ray_address: str | None = None  # None starts a local Ray; "auto" or "ray://host:10001" joins a cluster
     workers: int = 2  # Ray actors, one CPU each
     gpus_per_worker: float = 0.0
+    precision: str = "fp32"  # int8: the VGG features and U-Net from `models pull --int8` (needs an int8 catalogue)
 
     _PATHS = ("out", "catalog", "reference", "mapping", "home", "model_path")
 
@@ -145,7 +147,7 @@ class RunOptions:
                 "collection": self.collection, "reference": str(self.reference) if self.reference else None,
                 "mapping": str(self.mapping) if self.mapping else None, "engine": self.engine,
                 "model_path": str(self.model_path) if self.model_path else None,
-                "tiff_compression": self.tiff_compression}
+                "tiff_compression": self.tiff_compression, "precision": self.precision}
 
     def ledger_parameters(self) -> dict:
         """The parameters that key the ledger: no paths, since the references are keyed by content."""
@@ -154,6 +156,8 @@ class RunOptions:
                 "collection": self.collection, "references": mode, "tiff_compression": self.tiff_compression}
 
     def check(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.tiff_compression not in TIFF_COMPRESSIONS:
             raise UsageError(f"--tiff-compression {self.tiff_compression!r}: choose one of {', '.join(TIFF_COMPRESSIONS)}")
         if self.format not in FORMATS:
@@ -377,7 +381,7 @@ class ReferencePicker:
         if options.reference is None and options.mapping is None:
             self.catalog = Catalog.open(options.catalog)
             if models is not None:
-                self.catalog.check_model(models.backbone, models.features.model.sha256, "gem")
+                self.catalog.check_model(models.backbone, models.features.model.sha256, "gem", models.precision)
             if self.catalog.count(colour_only=True) == 0:
                 raise CatalogError(f"{self.catalog.path}: the catalogue has no colour references; index some with "
                                    f"`archivecolor index REF_DIR`, or pass --reference")
@@ -746,7 +750,8 @@ def _colorize_locked(scans_dir: Path, out_dir: Path, options: RunOptions,
     images = [p for p, kind in entries if kind == "image"]
     unusable = [(p, kind) for p, kind in entries if kind in _WALK_REASONS]
     walked = time.perf_counter()
-    models = Models.open(options.provider, options.home, threads=options.threads, unet_path=options.model_path)
+    models = Models.open(options.provider, options.home, threads=options.threads, unet_path=options.model_path,
+                         precision=options.precision)
     picker = ReferencePicker(options, scans_dir, models)
     opened = time.perf_counter()
     ctx = RunContext.create(scans_dir, out_dir, options, models)

@@ -16,6 +16,9 @@ def main(
     graph: list[str] = typer.Option(
         None, "--graph", help="write only this graph (features, correspondence or unet; repeatable); the others "
         "stay byte for byte, and keeping features keeps catalogues valid"),
+    calibration_photos: Path = typer.Option(
+        None, "--calibration-photos", help="rewrite the packaged int8 calibration photos from this folder of "
+        "Prokudin-Gorskii colour reconstructions (../shared/data/prokudin-gorskii/colour)"),
 ) -> None:
     """Export VGG templates, the correspondence and (with --checkpoint) the U-Net.
 
@@ -23,6 +26,13 @@ def main(
     """
     from export.onnx_export import GRAPHS, export_all
 
+    if calibration_photos is not None:
+        from export.calibration import write_calibration_photos
+
+        for path in write_calibration_photos(calibration_photos):
+            typer.echo(f"calibration photo {path}")
+        if not graph and not unet_only and checkpoint is None:
+            return
     graphs = tuple(graph or (["unet"] if unet_only else GRAPHS))
     unknown = sorted(set(graphs) - set(GRAPHS))
     if unknown:

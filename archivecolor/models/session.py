@@ -21,6 +21,7 @@ from archivecolor.models.store import InstalledModel, verified_path
 from archivecolor.models.weights import sha256_file
 
 PROVIDER_CHOICES = ("auto", "cuda", "cpu")
+INT8_SUFFIX = "_int8"
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
 _cuda_loaded: bool | None = None
@@ -137,3 +138,19 @@ def open_session(name: str, provider: str = "auto", home: Path | None = None, th
         raise ProviderUnavailable(f"{path}: CUDA was requested but ONNX Runtime fell back to {actual[0]}; "
                                   f"check the CUDA 13 / cuDNN 9 libraries or use --provider cpu")
     return ModelSession(name, entry, session)
+
+
+PRECISIONS = ("fp32", "int8")
+
+
+def open_precision(name: str, precision: str, provider: str = "auto", home: Path | None = None, threads: int = 0,
+                   path: Path | None = None) -> ModelSession:
+    """``name`` at ``precision``: fp32, or int8 (the twin that ``models pull --int8`` quantizes)."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp32" or path is not None:
+        return open_session(name, provider, home, threads, path=path)
+    try:
+        return open_session(name + INT8_SUFFIX, provider, home, threads)
+    except ModelNotFound as exc:
+        raise ModelNotFound(f"{exc}; the int8 models are made by `archivecolor models pull --int8`") from exc

@@ -64,7 +64,7 @@ def read_manifest(home: Path | None = None) -> dict[str, InstalledModel]:
                             f"run `archivecolor models pull --force`") from exc
 
 
-def _write_manifest(entries: dict[str, InstalledModel], home: Path | None) -> None:
+def write_manifest(entries: dict[str, InstalledModel], home: Path | None) -> None:
     data = json.dumps({k: asdict(v) for k, v in sorted(entries.items())}, indent=2) + "\n"
     atomic_write_bytes(model_dir(home) / MANIFEST, data.encode())
 
@@ -105,13 +105,13 @@ def widen_float16(data: bytes) -> bytes:
     return model.SerializeToString()
 
 
-def _install(name: str, data: bytes, source: dict, home: Path | None) -> InstalledModel:
+def install_file(name: str, data: bytes, source: dict, home: Path | None) -> InstalledModel:
     path = model_dir(home) / f"{name}.onnx"
     atomic_write_bytes(path, data)
     return InstalledModel(name, path.name, sha256_bytes(data), len(data), source)
 
 
-def _current(entry: InstalledModel | None, home: Path | None, wanted_source: dict) -> bool:
+def is_current(entry: InstalledModel | None, home: Path | None, wanted_source: dict) -> bool:
     if entry is None or any(entry.source.get(k) != v for k, v in wanted_source.items()):
         return False
     path = model_dir(home) / entry.file
@@ -142,12 +142,12 @@ def pull(
     feat = registry[features_name(backbone)]
     template = verify_asset(feat)
     wanted = {"template_sha256": feat.sha256, "weights": str(weights) if weights else "auto"}
-    if _current(manifest.get(feat.name), home, wanted):
+    if is_current(manifest.get(feat.name), home, wanted):
         done.append((manifest[feat.name], False))
     else:
         say(f"loading {backbone} ImageNet weights")
         state, origin = load_backbone_weights(backbone, weights, home_dir / "downloads", allow_download)
-        entry = _install(feat.name, fill_weights(template, state), wanted | {"weights_from": asdict(origin)}, home)
+        entry = install_file(feat.name, fill_weights(template, state), wanted | {"weights_from": asdict(origin)}, home)
         manifest[feat.name] = entry
         done.append((entry, True))
     for name, transform in (("correspondence", None), ("unet", widen_float16)):
@@ -155,14 +155,14 @@ def pull(
         if spec is None:
             raise ModelNotFound(f"the package registry has no {name} graph; reinstall archivecolor")
         wanted = {"asset_sha256": spec.sha256}
-        if _current(manifest.get(name), home, wanted):
+        if is_current(manifest.get(name), home, wanted):
             done.append((manifest[name], False))
             continue
         data = verify_asset(spec)
-        entry = _install(name, transform(data) if transform else data, wanted, home)
+        entry = install_file(name, transform(data) if transform else data, wanted, home)
         manifest[name] = entry
         done.append((entry, True))
-    _write_manifest(manifest, home)
+    write_manifest(manifest, home)
     return done
 
 

@@ -1,0 +1,112 @@
+"""int8 twins of the VGG features and the U-Net: made by `models pull --int8`, run by `--precision int8`."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from archivecolor.cli import app
+from archivecolor.color import lab_to_rgb, rgb_to_lab
+from archivecolor.errors import CatalogError, ModelNotFound
+from archivecolor.models.quantize import pull_int8
+from archivecolor.models.store import read_manifest
+from archivecolor.pipeline import Models, load_reference, predict, reference_from_lab
+from tests.conftest import colour_photos
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def int8_home(models_home, tmp_path_factory):
+    """A copy of the installed store with the int8 twins added (the shared store stays float32 only)."""
+    home = tmp_path_factory.mktemp("int8-home")
+    shutil.copytree(models_home / "models", home / "models")
+    (home / "downloads").symlink_to(models_home / "downloads")
+    pull_int8(home)
+    return home
+
+
+def test_pull_int8_installs_quantized_twins_once(int8_home):
+    manifest = read_manifest(int8_home)
+    for name in ("vgg16_features", "unet"):
+        twin = manifest[f"{name}_int8"]
+        assert twin.source["quantized_from"] == manifest[name].sha256
+        graph = onnx.load(int8_home / "models" / twin.file)
+        ops = {node.op_type for node in graph.graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops, ops
+        int8_weights = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+        assert len(int8_weights) >= 10  # every convolution's weights stored as int8
+        assert twin.size < manifest[name].size / 2
+    again = pull_int8(int8_home)
+    assert [new for _, new in again] == [False, False]
+
+
+def test_int8_colours_stay_close_to_fp32(int8_home):
+    fp32 = Models.open("cpu", int8_home)
+    int8 = Models.open("cpu", int8_home, precision="int8")
+    assert int8.precision == "int8" and int8.features.name == "vgg16_features_int8"
+    assert set(int8.hashes()) == {"vgg16_features_int8", "correspondence", "unet_int8"}
+    photos = colour_photos(3, (256, 192))
+    for target, source in zip(photos, photos[1:] + photos[:1]):
+        lab = rgb_to_lab(target)
+        outputs = []
+        for models in (fp32, int8):
+            ref = reference_from_lab("r", rgb_to_lab(source), 192)
+            ref.features = models.features_of(ref.l)
+            ab = predict(models, (lab[None, None, ..., 0] / 100).astype(np.float32), [[ref]])[0].ab
+            outputs.append(lab_to_rgb(np.dstack([lab[..., 0], ab])))
+        mse = np.mean((outputs[0] - outputs[1]) ** 2)
+        assert 10 * np.log10(1 / mse) > 30.0  # same colours, within quantisation noise
+
+
+def test_missing_twins_name_the_command(models_home):
+    with pytest.raises(ModelNotFound, match="models pull --int8"):
+        Models.open("cpu", models_home, precision="int8")
+
+
+def test_index_and_run_at_int8_and_the_catalogue_refuses_a_mixed_run(int8_home, tmp_path, monkeypatch):
+    monkeypatch.setenv("ARCHIVECOLOR_HOME", str(int8_home))
+    runner = CliRunner()
+    fp32_catalog, int8_catalog = tmp_path / "fp32.sqlite", tmp_path / "int8.sqlite"
+    refs = ROOT / "examples" / "references"
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(ROOT / "examples" / "scans" / "church.jpg", scans)
+    assert runner.invoke(app, ["index", str(refs), "--catalog", str(fp32_catalog)]).exit_code == 0
+    result = runner.invoke(app, ["index", str(refs), "--catalog", str(int8_catalog), "--precision", "int8"])
+    assert result.exit_code == 0, result.output
+
+    mixed = runner.invoke(app, ["run", str(scans), "--out", str(tmp_path / "mixed"), "--catalog", str(fp32_catalog),
+                                "--precision", "int8"])
+    assert mixed.exit_code != 0 and "same --precision" in mixed.output and "Traceback" not in mixed.output
+
+    out = tmp_path / "out"
+    done = runner.invoke(app, ["run", str(scans), "--out", str(out), "--catalog", str(int8_catalog), "--precision", "int8"])
+    assert done.exit_code == 0, done.output
+    sidecar = json.loads((out / "church.jpg.json").read_text())
+    manifest = read_manifest(int8_home)
+    assert sidecar["parameters"]["precision"] == "int8"
+    assert sidecar["models"]["unet_int8"] == manifest["unet_int8"].sha256
+    assert sidecar["models"]["vgg16_features_int8"] == manifest["vgg16_features_int8"].sha256
+    with pytest.raises(CatalogError, match="same --precision"):
+        from archivecolor.catalog import Catalog
+
+        with Catalog.open(fp32_catalog) as cat:
+            cat.check_model("vgg16", manifest["vgg16_features_int8"].sha256, "gem", "int8")
+
+
+def test_an_unknown_precision_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(app, ["run", str(tmp_path), "--precision", "int4"])
+    assert result.exit_code == 2 and "--precision 'int4'" in result.output
+
+
+def test_calibration_photos_are_packaged():
+    from archivecolor.models.quantize import calibration_photos
+
+    photos = calibration_photos()
+    assert len(photos) >= 7
+    scan = load_reference(photos[0], "c", 192)
+    assert min(scan.l.shape[-2:]) == 192
