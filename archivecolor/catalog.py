@@ -434,7 +434,7 @@ class Catalog:
             "select coalesce(collection, ''), count(*), sum(is_colour) from photos group by 1 order by 1").fetchall()
         return {
             "path": str(self.path), "photos": self.count(), "colour": self.count(colour_only=True),
-            "backbone": self.meta("backbone"), "embedding": self.meta("embedding"),
+            "backbone": self.meta("backbone"), "embedding": self.meta("embedding"), "precision": self.precision,
             "features_sha256": self.meta("features_sha256"), "schema_version": self._version(self.db),
             "bytes_on_disk": sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*")),
             "collections": [{"collection": c, "photos": n, "colour": int(k or 0)} for c, n, k in by_collection],

@@ -183,7 +183,8 @@ def catalog_stats(catalog: Path = CatalogOpt) -> None:
     with Catalog.open(catalog) as cat:
         stats = cat.stats()
     console.print(f"{stats['path']}: {stats['photos']} photos ({stats['colour']} colour), backbone "
-                  f"{stats['backbone']}, {stats['embedding']} embeddings, {stats['bytes_on_disk']:,} bytes",
+                  f"{stats['backbone']} ({stats['precision']}), {stats['embedding']} embeddings, "
+                  f"{stats['bytes_on_disk']:,} bytes",
                   markup=False, highlight=False, soft_wrap=True)
     table = Table("collection", "photos", "colour")
     for row in stats["collections"]:

@@ -91,6 +91,8 @@ def test_index_and_run_at_int8_and_the_catalogue_refuses_a_mixed_run(int8_home, 
     assert sidecar["parameters"]["precision"] == "int8"
     assert sidecar["models"]["unet_int8"] == manifest["unet_int8"].sha256
     assert sidecar["models"]["vgg16_features_int8"] == manifest["vgg16_features_int8"].sha256
+    stats = runner.invoke(app, ["catalog", "stats", "--catalog", str(int8_catalog)])
+    assert "vgg16 (int8)" in stats.output
     with pytest.raises(CatalogError, match="same --precision"):
         from archivecolor.catalog import Catalog
 
@@ -110,3 +112,12 @@ def test_calibration_photos_are_packaged():
     assert len(photos) >= 7
     scan = load_reference(photos[0], "c", 192)
     assert min(scan.l.shape[-2:]) == 192
+
+
+def test_models_pull_int8_from_the_cli_reports_the_twins_current(int8_home, monkeypatch):
+    monkeypatch.setenv("ARCHIVECOLOR_HOME", str(int8_home))
+    result = CliRunner().invoke(app, ["models", "pull", "--offline", "--int8"])
+    assert result.exit_code == 0, result.output
+    lines = [line.split() for line in result.output.splitlines()]
+    assert ["current", "unet_int8"] in [line[:2] for line in lines]
+    assert ["current", "vgg16_features_int8"] in [line[:2] for line in lines]
