@@ -26,6 +26,7 @@ from archivecolor.color import l_to_gray, lab_to_rgb, normalise_l, rgb_to_lab, t
 from archivecolor.errors import UsageError
 from archivecolor.imageio import file_walk_images, read_image, to_upright
 from archivecolor.models.layout import WARPED_AB, forward_map, round_trip_map
+from archivecolor.models.session import INT8_SUFFIX
 from archivecolor.models.store import model_dir
 from archivecolor.models.weights import load_backbone_weights, sha256_file
 from archivecolor.pipeline import (
@@ -181,6 +182,7 @@ class BenchOptions:
     home: Path | None = None
     figures: bool = True
     precision: str = "fp32"
+    model_path: Path | None = None  # a U-Net of one's own export instead of the installed one
 
 
 @dataclass
@@ -243,7 +245,7 @@ def run_bench(
     if catalog_path is None:
         raise UsageError("pass --catalog PATH or --references DIR for the references")
     items = _test_images(testsets, options.limit)
-    models = Models.open(options.provider, options.home, precision=options.precision)
+    models = Models.open(options.provider, options.home, precision=options.precision, unet_path=options.model_path)
     cache = ReferenceCache(models)
     catalog = Catalog.open(catalog_path)
     catalog.check_model(models.backbone, models.features.model.sha256, "gem", models.precision)
@@ -308,7 +310,8 @@ def run_bench(
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     if options.figures:
         # Grad-CAM rebuilds the float U-Net in torch from the graph's weights; an int8 graph has none to read.
-        unet_path = model_dir(options.home) / models.unet.model.file if models.precision == "fp32" else None
+        unet_path = (None if models.unet.name.endswith(INT8_SUFFIX) else
+                     options.model_path or model_dir(options.home) / models.unet.model.file)
         report["figures"] = write_figures(samples, scores, options.methods, out, unet_path)
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
@@ -558,13 +561,13 @@ def ab_histogram_overlap(a_lab: np.ndarray, b_lab: np.ndarray, bins: int = 32) -
 
 
 def run_pairs(pairs_dir: Path, out: Path, provider: str = "auto", home: Path | None = None,
-              working_size: int = 256) -> dict:
+              working_size: int = 256, model_path: Path | None = None) -> dict:
     """Colorize He et al.'s demo pairs with their given references; compare with their outputs in res/."""
     listing = pairs_dir / "pairs.txt"
     if not listing.is_file():
         raise UsageError(f"{listing}: missing; pass a folder with input/, res/ and pairs.txt")
     out.mkdir(parents=True, exist_ok=True)
-    models = Models.open(provider, home)
+    models = Models.open(provider, home, unet_path=model_path)
     rows = []
     for line in listing.read_text().split("\n"):
         parts = line.split()

@@ -436,6 +436,8 @@ def bench(
     out: Path = typer.Option(Path("bench-report"), help="report folder"),
     provider: str = ProviderOpt,
     precision: str = PrecisionOpt,
+    model_path: Path = typer.Option(None, "--model-path", help="benchmark your own U-Net exported with `python -m "
+                                                               "export` instead of the installed one"),
     lpips_net: str = typer.Option("alex", help="LPIPS backbone: alex or vgg"),
     pairs: Path = typer.Option(None, help="He et al. demo folder (input/, res/, pairs.txt) for a side-by-side"),
     retrieval: bool = typer.Option(False, "--retrieval", help="time catalogue queries at 10k, 100k and 1M embeddings"),
@@ -453,7 +455,7 @@ def bench(
 
     if speed is not None:
         options = {"catalog": catalog, "reference": reference, "top_k": top_k, "working_size": working_size,
-                   "provider": provider, "precision": precision}
+                   "provider": provider, "precision": precision, "model_path": model_path}
         result = run_speed(speed, options, repeat)
         table = Table("stage", "seconds", title=f"median of {repeat} runs: {result['median_scans_per_s']} scans/s, "
                                                 f"{result['median_seconds']} s, peak RSS {result['peak_rss_mb']} MB")
@@ -472,7 +474,7 @@ def bench(
         console.print(table)
         return
     if pairs is not None:
-        summary = run_pairs(pairs, out, provider)
+        summary = run_pairs(pairs, out, provider, model_path=model_path)
         for who in ("ours", "he2018"):
             if who in summary:
                 console.print(f"{who:7} colourfulness {summary[who]['colorfulness']:.2f}  "
@@ -485,7 +487,7 @@ def bench(
         raise UsageError(f"--lpips-net {lpips_net!r}: choose alex or vgg")
     options = BenchOptions(catalog=catalog, references=references, size=None if native else size,
                            methods=tuple(m.strip() for m in methods.split(",") if m.strip()), limit=limit, out=out,
-                           provider=provider, lpips_net=lpips_net, precision=precision)
+                           provider=provider, lpips_net=lpips_net, precision=precision, model_path=model_path)
     with _progress() as bar:
         task = bar.add_task("benchmark", total=None, rate="")
         report = run_bench(testsets, options, lambda n, total, name: bar.update(task, completed=n, total=total,

@@ -113,3 +113,33 @@ def test_ab_histogram_overlap_is_one_for_the_same_colours_and_low_for_gray():
     assert bench.ab_histogram_overlap(lab, lab) == pytest.approx(1.0)
     assert bench.ab_histogram_overlap(lab[::-1], lab) == pytest.approx(1.0)  # a histogram ignores where
     assert bench.ab_histogram_overlap(lab, gray) < 0.5
+
+
+def test_bench_and_pairs_run_a_unet_of_ones_own(tmp_path, models_home):
+    """--model-path: the report's U-Net hash is the given file's, and its outputs are its own."""
+    torch = pytest.importorskip("torch")
+    import onnx
+
+    from archivecolor.models.weights import sha256_file
+    from archivecolor.nets.unet import ColorUNet
+    from export.onnx_export import export_unet
+
+    kodak = data_dir("kodak24")
+    torch.manual_seed(0)
+    own = tmp_path / "own-unet.onnx"
+    onnx.save(export_unet(ColorUNet(width=8, semantic=True).eval()), own)
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for p in sorted(kodak.glob("*.png"))[3:6]:
+        (refs / p.name).write_bytes(p.read_bytes())
+    reports = {}
+    for name, path in (("installed", None), ("own", own)):
+        options = bench.BenchOptions(references=refs, limit=2, out=tmp_path / name, home=models_home,
+                                     methods=("gray", "exemplar"), figures=False, model_path=path)
+        reports[name] = bench.run_bench([kodak], options)
+    assert reports["own"]["models"]["unet"] == sha256_file(own)
+    assert reports["installed"]["models"]["unet"] != sha256_file(own)
+    assert reports["own"]["methods"]["exemplar"]["psnr"] != reports["installed"]["methods"]["exemplar"]["psnr"]
+    summary = bench.run_pairs(data_dir("he2018-demo") / "example", tmp_path / "pairs", home=models_home, model_path=own)
+    installed = bench.run_pairs(data_dir("he2018-demo") / "example", tmp_path / "pairs-installed", home=models_home)
+    assert summary["ours"] != installed["ours"]

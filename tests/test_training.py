@@ -70,3 +70,21 @@ def test_train_resume_and_export(data_root, tmp_path):
         expected = resumed.model.eval()(torch.from_numpy(x), *map(torch.from_numpy, semantic))[0].numpy()
     got = session.run(["ab"], {"x13": x, "tf3": semantic[0], "tf4": semantic[1], "tf5": semantic[2]})[0]
     assert np.abs(got - expected).max() < 5e-3  # float16 storage
+
+
+def test_histogram_distance_is_zero_for_the_same_colours_and_largest_for_gray():
+    from archivecolor.color import normalise_ab, rgb_to_lab
+    from training.train import histogram_distance, soft_histogram
+
+    photos = [rgb_to_lab(p) for p in colour_photos(2, (64, 48))]
+    ab = torch.from_numpy(np.stack([normalise_ab(lab[..., 1:]).transpose(2, 0, 1) for lab in photos])).float()
+    assert torch.allclose(soft_histogram(ab).sum(dim=1), torch.ones(2))
+    assert histogram_distance(ab, ab).item() < 1e-6
+    muted = histogram_distance(ab * 0.5, ab).item()
+    gray = histogram_distance(torch.zeros_like(ab), ab).item()
+    assert 0.0 < muted < gray <= 2.0
+    # The mirror image has the same colours: a distribution loss does not care where they are.
+    assert histogram_distance(ab.flip(-1), ab).item() < 1e-5
+    pred = (ab * 0.5).requires_grad_(True)
+    histogram_distance(pred, ab).backward()
+    assert pred.grad.abs().sum() > 0

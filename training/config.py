@@ -17,6 +17,9 @@ class LossSpec:
     pixel: str = "l2"  # l2 (what PSNR measures) or smooth_l1 (the median: bolder colours)
     colourfulness_weight: float = 1.0
     colourfulness_target: float = 0.85
+    # Soft ab-histogram distance to the truth's (Hellinger): asks for the truth's spread of colours, which
+    # L2's pull to the mean takes away, without rewarding a wrong warped colour as the mean-chroma hinge did.
+    histogram_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,11 @@ CONFIGS = {
             (9, LossSpec(pixel="l2", colourfulness_weight=0.3, colourfulness_target=0.7)),
             (10**6, LossSpec(pixel="l2", colourfulness_weight=0.0)),
         )),
+    # The shipped epoch 4 fine-tuned for 4 epochs on L2 + a soft ab-histogram distance to the truth,
+    # with the learning rate halved and decayed (start from a copy of cpu-small/epoch4.pt as last.pt).
+    "cpu-hist": TrainConfig(
+        name="cpu-hist", size=160, width=32, epochs=8, lr=1e-4, decay_from=4, final_lr_fraction=0.1,
+        schedule=((10**6, LossSpec(pixel="l2", colourfulness_weight=0.0, histogram_weight=0.2)),)),
     # The 0.1.0 model's recipe, kept for the ablation: L2 + relu2_2 perceptual, no semantic prior.
     "cpu-small-v1": TrainConfig(name="cpu-small-v1", size=160, width=32, epochs=12, perceptual_layers=9,
                                 semantic=False, schedule=((10**6, LossSpec(colourfulness_weight=0.0)),)),

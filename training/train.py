@@ -41,6 +41,28 @@ def colourfulness_hinge(ab_pred: torch.Tensor, ab_true: torch.Tensor, target: fl
     return F.relu(shortfall).mean()
 
 
+HISTOGRAM_BINS = 12  # per axis, over ab/128 in [-0.75, 0.75] (ab ±96)
+HISTOGRAM_POOL = 4  # histograms of the 4x4-averaged ab: the colour distribution, not the texture
+
+
+def soft_histogram(ab: torch.Tensor) -> torch.Tensor:
+    """Differentiable ab histograms (B, bins²) of ab/128 (B, 2, H, W): Gaussian votes into a fixed grid."""
+    ab = F.avg_pool2d(ab, HISTOGRAM_POOL).flatten(2)  # (B, 2, N)
+    centres = torch.linspace(-0.75, 0.75, HISTOGRAM_BINS, device=ab.device)
+    sigma = centres[1] - centres[0]
+    votes_a = torch.exp(-0.5 * ((ab[:, :1] - centres.view(1, -1, 1)) / sigma) ** 2)  # (B, bins, N)
+    votes_b = torch.exp(-0.5 * ((ab[:, 1:] - centres.view(1, -1, 1)) / sigma) ** 2)
+    hist = torch.einsum("bin,bjn->bij", votes_a, votes_b).flatten(1)
+    return hist / hist.sum(dim=1, keepdim=True).clamp(min=1e-8)
+
+
+def histogram_distance(ab_pred: torch.Tensor, ab_true: torch.Tensor) -> torch.Tensor:
+    """Mean squared Hellinger distance between the soft ab histograms, in [0, 2]."""
+    root_pred = soft_histogram(ab_pred).add(1e-8).sqrt()
+    root_true = soft_histogram(ab_true).add(1e-8).sqrt()
+    return (root_pred - root_true).pow(2).sum(dim=1).mean()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -157,6 +179,8 @@ class Trainer:
         perceptual = F.mse_loss(pred, target)
         hinge = colourfulness_hinge(ab_pred, ab_true, spec.colourfulness_target)
         total = pixel + cfg.perceptual_weight * perceptual + spec.colourfulness_weight * hinge
+        if spec.histogram_weight:
+            total = total + spec.histogram_weight * histogram_distance(ab_pred, ab_true)
         return total, ab_pred
 
     def epoch_rows(self) -> list[int]:
