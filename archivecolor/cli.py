@@ -453,6 +453,12 @@ def bench(
     """
     from archivecolor.bench import BenchOptions, retrieval_latency, run_bench, run_pairs, run_speed
 
+    modes = [name for name, given in (("TESTSETS", bool(testsets)), ("--pairs", pairs is not None),
+                                      ("--retrieval", retrieval), ("--speed", speed is not None)) if given]
+    if len(modes) > 1:
+        raise UsageError(f"{' and '.join(modes)}: one benchmark at a time; run them as separate commands")
+    if speed is None and (reference is not None or top_k != 1 or working_size != 256 or repeat != 3):
+        raise UsageError("--reference, --top-k, --working-size and --repeat only apply to --speed SCANS")
     if speed is not None:
         options = {"catalog": catalog, "reference": reference, "top_k": top_k, "working_size": working_size,
                    "provider": provider, "precision": precision, "model_path": model_path}

@@ -47,3 +47,12 @@ def test_inference_commands_do_not_import_torch():
 def test_models_list_shows_providers(models_home):
     result = runner.invoke(app, ["models", "list"])
     assert result.exit_code == 0 and "CPUExecutionProvider" in result.output and "unet" in result.output
+
+
+def test_bench_modes_cannot_be_combined_by_mistake(tmp_path):
+    both = runner.invoke(app, ["bench", str(tmp_path), "--pairs", str(tmp_path)])
+    assert both.exit_code == 2 and "one benchmark at a time" in both.output
+    speed_only = runner.invoke(app, ["bench", str(tmp_path), "--top-k", "3"])
+    assert speed_only.exit_code == 2 and "only apply to --speed" in speed_only.output
+    retrieval_and_speed = runner.invoke(app, ["bench", "--retrieval", "--speed", str(tmp_path)])
+    assert retrieval_and_speed.exit_code == 2 and "--retrieval and --speed" in retrieval_and_speed.output

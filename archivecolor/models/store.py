@@ -35,6 +35,11 @@ def archivecolor_home() -> Path:
     return Path(os.environ.get("ARCHIVECOLOR_HOME", Path.home() / ".cache" / "archivecolor"))
 
 
+def downloads_dir(home: Path | None = None) -> Path:
+    """Where downloaded weight archives are kept (and looked for, offline)."""
+    return (home or archivecolor_home()) / "downloads"
+
+
 def model_dir(home: Path | None = None) -> Path:
     return (home or archivecolor_home()) / "models"
 
@@ -146,7 +151,7 @@ def pull(
         done.append((manifest[feat.name], False))
     else:
         say(f"loading {backbone} ImageNet weights")
-        state, origin = load_backbone_weights(backbone, weights, home_dir / "downloads", allow_download)
+        state, origin = load_backbone_weights(backbone, weights, downloads_dir(home_dir), allow_download)
         entry = install_file(feat.name, fill_weights(template, state), wanted | {"weights_from": asdict(origin)}, home)
         manifest[feat.name] = entry
         done.append((entry, True))

