@@ -171,6 +171,18 @@ def test_offline_pull_fetches_nothing_and_says_what_to_do(tmp_path, monkeypatch)
     assert not list((tmp_path / "downloads").iterdir())  # nothing was fetched
 
 
+def test_a_torch_hub_file_that_is_not_what_its_name_promises_is_refused(tmp_path, monkeypatch):
+    from archivecolor.errors import ChecksumMismatch
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / weights_mod.TORCHVISION_URLS["vgg16"].rsplit("/", 1)[1]).write_bytes(b"not the published weights")
+    assert weights_mod.torchvision_hash_prefix("vgg16") == "397923af"
+    with pytest.raises(ChecksumMismatch, match="397923af.*delete it"):
+        weights_mod.load_backbone_weights("vgg16", download_dir=tmp_path / "downloads", allow_download=False)
+
+
 def test_a_graph_with_other_input_names_is_refused(tmp_path):
     """A U-Net exported by another version (or by hand) with other names is refused when opened."""
     import onnx

