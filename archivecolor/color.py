@@ -15,7 +15,8 @@ RGB_TO_XYZ = np.array(
 )
 XYZ_TO_RGB = np.linalg.inv(RGB_TO_XYZ)
 WHITE_D65 = np.array([0.95047, 1.0, 1.08883], dtype=np.float64)
-_DELTA = 6.0 / 29.0
+DELTA = 6.0 / 29.0  # where CIELAB's cube root turns linear
+SRGB_LINEAR_KNEE = 0.0031308  # where sRGB's transfer curve turns linear (linear-light side)
 AB_SCALE = 128.0
 L_SCALE = 100.0
 
@@ -50,7 +51,7 @@ def srgb_to_linear(rgb: np.ndarray) -> np.ndarray:
 def linear_to_srgb(lin: np.ndarray) -> np.ndarray:
     lin = np.asarray(lin, dtype=np.float32)
     return np.where(
-        lin <= 0.0031308, 12.92 * lin, 1.055 * np.maximum(lin, 0.0031308) ** (1.0 / 2.4) - 0.055
+        lin <= SRGB_LINEAR_KNEE, 12.92 * lin, 1.055 * np.maximum(lin, SRGB_LINEAR_KNEE) ** (1.0 / 2.4) - 0.055
     ).astype(np.float32)
 
 
@@ -63,11 +64,11 @@ def xyz_to_linear(xyz: np.ndarray) -> np.ndarray:
 
 
 def _f(t: np.ndarray) -> np.ndarray:
-    return np.where(t > _DELTA**3, np.cbrt(t), t / (3 * _DELTA**2) + 4.0 / 29.0).astype(np.float32)
+    return np.where(t > DELTA**3, np.cbrt(t), t / (3 * DELTA**2) + 4.0 / 29.0).astype(np.float32)
 
 
 def _f_inv(t: np.ndarray) -> np.ndarray:
-    return np.where(t > _DELTA, t**3, 3 * _DELTA**2 * (t - 4.0 / 29.0)).astype(np.float32)
+    return np.where(t > DELTA, t**3, 3 * DELTA**2 * (t - 4.0 / 29.0)).astype(np.float32)
 
 
 def xyz_to_lab(xyz: np.ndarray) -> np.ndarray:

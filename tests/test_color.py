@@ -70,7 +70,7 @@ def test_toned_print_counts_as_gray_but_photo_does_not():
 
 def test_torch_twin_agrees():
     torch = pytest.importorskip("torch")
-    from training.colorspace import lab_to_rgb as torch_lab_to_rgb
+    from archivecolor.nets.colour import lab_to_rgb as torch_lab_to_rgb
 
     lab = color.rgb_to_lab(colour_photos(1, (64, 48))[0])
     l = torch.from_numpy(lab[..., 0] / 100)[None, None]
@@ -79,6 +79,16 @@ def test_torch_twin_agrees():
     assert np.abs(out[0].detach().numpy().transpose(1, 2, 0) - color.lab_to_rgb(lab)).max() < 1e-3
     out.sum().backward()
     assert torch.isfinite(ab.grad).all() and ab.grad.abs().sum() > 0
+
+
+def test_torch_gray_twin_agrees():
+    """The gray the VGG graph builds from L is the gray a black-and-white print of that L shows."""
+    torch = pytest.importorskip("torch")
+    from archivecolor.nets.colour import l_to_gray_srgb
+
+    l = np.linspace(0, 100, 1001, dtype=np.float32)
+    got = l_to_gray_srgb(torch.from_numpy(l / 100)).numpy()
+    assert np.abs(got - color.l_to_gray(l)).max() < 1e-5
 
 
 def test_one_16_to_8_bit_conversion_rounds_to_the_nearest_level():

@@ -207,3 +207,17 @@ def test_a_graph_with_other_input_names_is_refused(tmp_path):
     fitting = helper.make_model(helper.make_graph(nodes, "c", inputs, outputs), opset_imports=[helper.make_opsetid("", 17)])
     fitting.ir_version = 8
     check_signature("correspondence", tmp_path / "c.onnx", _ort(fitting))  # the right names pass
+
+
+def test_exporting_the_features_graph_again_gives_the_packaged_bytes(tmp_path):
+    """Catalogues key on the features graph's sha256: a refactor of the torch VGG or its colour maths must
+    export the same graph, byte for byte, or every user's catalogue would need re-indexing."""
+    pytest.importorskip("torch")
+    import shutil
+
+    from archivecolor.models.registry import ASSET_DIR, load_registry
+    from export.onnx_export import export_all
+
+    shutil.copy(ASSET_DIR / "registry.json", tmp_path / "registry.json")
+    exported = export_all(None, tmp_path, graphs=("features",))["models"]["vgg16_features"]
+    assert exported["sha256"] == load_registry()["vgg16_features"].sha256

@@ -21,9 +21,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from archivecolor.models.layout import L_CHANNEL, WARPED_AB
 from archivecolor.models.weights import load_backbone_weights
+from archivecolor.nets.colour import lab_to_rgb
 from archivecolor.nets.unet import ColorUNet
 from archivecolor.nets.vgg import VGGFeatures
-from training.colorspace import lab_to_rgb
 from training.config import TrainConfig
 from training.data import PairCache, build_pairs, list_photos, split
 

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
+from archivecolor.nets.colour import l_to_gray_srgb
+
 # Index in torchvision's `features` of the ReLU after each matching layer (last conv of each block).
 MATCH_TAPS = {"vgg16": (3, 8, 15, 22, 29), "vgg19": (3, 8, 17, 26, 35)}
 MATCH_LAYERS = {
@@ -19,15 +21,6 @@ FEATURE_CHANNELS = (64, 128, 256, 512, 512)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GEM_P = 3.0
-
-
-def l_to_gray_srgb(l: torch.Tensor) -> torch.Tensor:
-    """Map L/100 in [0, 1] to the sRGB gray value in [0, 1] that has that lightness (D65)."""
-    fy = (l * 100.0 + 16.0) / 116.0
-    delta = 6.0 / 29.0
-    y = torch.where(fy > delta, fy.clamp(min=delta) ** 3, (fy - 4.0 / 29.0) * 3.0 * delta * delta)
-    y = y.clamp(0.0, 1.0)
-    return torch.where(y <= 0.0031308, 12.92 * y, 1.055 * y.clamp(min=0.0031308) ** (1.0 / 2.4) - 0.055)
 
 
 class VGGFeatures(nn.Module):
