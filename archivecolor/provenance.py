@@ -213,10 +213,19 @@ def sidecars(out_dir: Path, unreadable: list[str]) -> Iterator[dict]:
             yield doc
 
 
+REVIEW_IMAGES = ("review", "img")  # under OUT_DIR: the review's pictures, which verify leaves alone
+_REVIEW_IMAGE_NAME = re.compile(r"[0-9a-f]{32}-[a-z]\.jpg")
+
+
+def review_image_name(sha256: str, kind: str) -> str:
+    """The file name of a review picture: named by the content it shows, so a rebuild makes none again."""
+    return f"{sha256[:32]}-{kind}.jpg"
+
+
 def is_review_image(out_dir: Path, path: Path) -> bool:
     """A thumbnail or preview of ``archivecolor review`` (named by content under OUT_DIR/review/img)."""
     rel = path.relative_to(out_dir).parts
-    return len(rel) == 3 and rel[:2] == ("review", "img") and re.fullmatch(r"[0-9a-f]{32}-[a-z]\.jpg", rel[2]) is not None
+    return len(rel) == 3 and rel[:2] == REVIEW_IMAGES and _REVIEW_IMAGE_NAME.fullmatch(rel[2]) is not None
 
 
 def verify(out_dir: Path, scans_dir: Path | None = None) -> VerifyReport:

@@ -18,9 +18,9 @@ from pathlib import Path, PurePosixPath
 
 from archivecolor.errors import ArchivecolorError, UsageError, failure_reason
 from archivecolor.imageio import atomic_write_bytes, preview_jpeg, printable_path, read_upright_preview
-from archivecolor.provenance import sidecars
+from archivecolor.provenance import REVIEW_IMAGES, review_image_name, sidecars
 
-REVIEW_DIR = "review"
+REVIEW_DIR = REVIEW_IMAGES[0]
 THUMB_SIDE = 360  # card images
 PREVIEW_SIDE = 1600  # the full-size view: large enough to judge, small enough to mail
 REFERENCE_SIDE = 240
@@ -50,7 +50,7 @@ class _Image:
 
     @property
     def name(self) -> str:
-        return f"img/{self.sha256[:32]}-{self.kind}.jpg"
+        return f"{REVIEW_IMAGES[1]}/{review_image_name(self.sha256, self.kind)}"
 
 
 def review_id(out_dir: Path) -> str:
@@ -211,7 +211,7 @@ def _make_images(images: list[_Image], review_dir: Path, jobs: int, report: Revi
             return f"{printable_path(source)}: {failure_reason(exc)}"
         return None
 
-    (review_dir / "img").mkdir(parents=True, exist_ok=True)
+    (review_dir / REVIEW_IMAGES[1]).mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = [(pool.submit(make, source, wanted), len(wanted)) for source, wanted in todo.items()]
         for done, (future, count) in enumerate(futures, 1):
