@@ -29,7 +29,6 @@ from archivecolor.upsample import resize_plane
 
 SCHEMA_VERSION = 1
 EMBED_SIZE = 224  # embeddings are taken on a centre square of this size
-EMBEDDING_KINDS = ("gem", "avg")  # GeM of the last layer (default) or the seed's conv4_2 average
 DEFAULT_EMBEDDING = "gem"
 THUMB_SIZE = 128
 _EXIF_DATE = (0x9003, 0x0132)  # DateTimeOriginal (Exif IFD), DateTime

@@ -52,10 +52,6 @@ class InstalledModel:
     size: int
     source: dict
 
-    @property
-    def short_hash(self) -> str:
-        return self.sha256[:12]
-
 
 def read_manifest(home: Path | None = None) -> dict[str, InstalledModel]:
     path = model_dir(home) / MANIFEST

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from archivecolor.models.layout import WARPED_AB
+from archivecolor.models.layout import INPUT_CHANNELS, WARPED_AB
 
 # The target's VGG features that the U-Net reads as a semantic prior: (name, channels, stride).
 SEMANTIC_FEATURES = (("tf3", 256, 4), ("tf4", 512, 8), ("tf5", 512, 16))
@@ -37,7 +37,7 @@ class ColorUNet(nn.Module):
     blends the two: the network learns where the reference can be believed.
     """
 
-    def __init__(self, in_channels: int = 13, width: int = 64, semantic: bool = True) -> None:
+    def __init__(self, in_channels: int = INPUT_CHANNELS, width: int = 64, semantic: bool = True) -> None:
         super().__init__()
         w = width
         chans = (w, 2 * w, 4 * w, 8 * w)

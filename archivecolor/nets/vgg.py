@@ -12,10 +12,6 @@ from archivecolor.nets.colour import l_to_gray_srgb
 
 # Index in torchvision's `features` of the ReLU after each matching layer (last conv of each block).
 MATCH_TAPS = {"vgg16": (3, 8, 15, 22, 29), "vgg19": (3, 8, 17, 26, 35)}
-MATCH_LAYERS = {
-    "vgg16": ("conv1_2", "conv2_2", "conv3_3", "conv4_3", "conv5_3"),
-    "vgg19": ("conv1_2", "conv2_2", "conv3_4", "conv4_4", "conv5_4"),
-}
 CONV4_2_TAP = {"vgg16": 20, "vgg19": 22}  # the ReLU after conv4_2
 FEATURE_CHANNELS = (64, 128, 256, 512, 512)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
