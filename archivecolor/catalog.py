@@ -452,6 +452,15 @@ def prepare_photo(path: Path) -> tuple[dict, np.ndarray | None]:
     return fields, centre_square(to_upright(scan.lightness(), scan.orientation)) if colour else None
 
 
+def catalogue_precision(path: Path | None) -> str | None:
+    """The precision a catalogue's embeddings were made at; None where it does not exist yet or is empty."""
+    path = Path(path or default_catalog_path())
+    if not path.is_file():
+        return None
+    with Catalog.open(path) as cat:
+        return cat.precision if cat.count() else None
+
+
 def _features_session(provider: str, home: Path | None, precision: str = "fp32"):
     from archivecolor.models.registry import DEFAULT_BACKBONE, features_name
     from archivecolor.models.session import open_precision
@@ -474,19 +483,23 @@ def index_references(
     ray_address: str | None = None,
     workers: int = 2,
     gpus_per_worker: float = 0.0,
-    precision: str = "fp32",
+    precision: str = "auto",
 ) -> IndexReport:
     """Index the colour photos under ``ref_dir`` into the catalogue (created if absent).
 
     ``engine="ray"`` reads and embeds the photos on a pool of Ray actors (``workers``, joining the cluster
     at ``ray_address`` or starting a local one); this process plans and writes the catalogue.
     ``precision`` int8 embeds with the int8 VGG (`models pull --int8`); runs with it need such a catalogue.
+    ``auto`` keeps an existing catalogue's precision, and picks int8 on the CPU for a new one where installed.
     """
     from archivecolor.errors import UsageError
     from archivecolor.models.registry import DEFAULT_BACKBONE
 
     if not Path(ref_dir).is_dir():
         raise UsageError(f"{ref_dir}: not a folder; pass the folder of colour reference photos")
+    from archivecolor.models.session import resolve_precision
+
+    precision = resolve_precision(precision, provider, home, None if rebuild else catalogue_precision(catalog))
     session = _features_session(provider, home, precision)
     with Catalog.open(catalog, create=True) as cat:
         if rebuild:

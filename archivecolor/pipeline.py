@@ -19,7 +19,7 @@ from archivecolor.errors import ImageReadError
 from archivecolor.imageio import Scan, from_upright, read_image, to_upright
 from archivecolor.models.layout import FORWARD_MAPS
 from archivecolor.models.registry import DEFAULT_BACKBONE, features_name
-from archivecolor.models.session import ModelSession, open_precision, open_session
+from archivecolor.models.session import ModelSession, open_precision, open_session, resolve_precision
 from archivecolor.models.weights import sha256_file
 from archivecolor.upsample import box_mean, recombine, resize_plane, working_size
 
@@ -39,9 +39,11 @@ class Models:
 
     @classmethod
     def open(cls, provider: str = "auto", home: Path | None = None, backbone: str = DEFAULT_BACKBONE,
-             threads: int = 0, unet_path: Path | None = None, precision: str = "fp32") -> Models:
+             threads: int = 0, unet_path: Path | None = None, precision: str = "auto") -> Models:
         """The installed graphs; ``unet_path`` replaces the U-Net with a user's own export; ``precision``
-        int8 runs the VGG features and the U-Net as installed by ``models pull --int8``."""
+        int8 runs the VGG features and the U-Net as installed by ``models pull --int8`` (``auto``: int8 on
+        the CPU where installed, see ``resolve_precision``)."""
+        precision = resolve_precision(precision, provider, home)
         return cls(
             open_precision(features_name(backbone), precision, provider, home, threads),
             open_session("correspondence", provider, home, threads),

@@ -25,13 +25,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import sqlite_utils
 
-from archivecolor.catalog import Catalog, centre_square
+from archivecolor.catalog import Catalog, catalogue_precision, centre_square
 from archivecolor.errors import (
     ArchivecolorError,
     CatalogError,
@@ -54,7 +54,7 @@ from archivecolor.imageio import (
     to_upright,
     write_file,
 )
-from archivecolor.models.session import PRECISIONS
+from archivecolor.models.session import PRECISIONS, resolve_precision
 from archivecolor.models.weights import sha256_bytes, sha256_file
 from archivecolor.pipeline import (
     DEFAULT_WORKING_SIZE,
@@ -128,7 +128,9 @@ class RunOptions:
     ray_address: str | None = None  # None starts a local Ray; "auto" or "ray://host:10001" joins a cluster
     workers: int = 2  # Ray actors, one CPU each
     gpus_per_worker: float = 0.0
-    precision: str = "fp32"  # int8: the VGG features and U-Net from `models pull --int8` (needs an int8 catalogue)
+    # int8: the VGG features and U-Net from `models pull --int8` (needs an int8 catalogue); auto: the
+    # catalogue's precision when retrieving from one, else int8 on the CPU where installed, else fp32
+    precision: str = "auto"
 
     _PATHS = ("out", "catalog", "reference", "mapping", "home", "model_path")
 
@@ -728,6 +730,9 @@ def colorize_folder(
     out_dir = Path(options.out) if options.out else default_out_dir(scans_dir)
     check_dirs(scans_dir, out_dir)
     options.check()
+    retrieving = options.reference is None and options.mapping is None
+    options = replace(options, precision=resolve_precision(
+        options.precision, options.provider, options.home, catalogue_precision(options.catalog) if retrieving else None))
     if not options.dry_run:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ def test_pull_int8_installs_quantized_twins_once(int8_home):
 
 
 def test_int8_colours_stay_close_to_fp32(int8_home):
-    fp32 = Models.open("cpu", int8_home)
+    fp32 = Models.open("cpu", int8_home, precision="fp32")
     int8 = Models.open("cpu", int8_home, precision="int8")
     assert int8.precision == "int8" and int8.features.name == "vgg16_features_int8"
     assert set(int8.hashes()) == {"vgg16_features_int8", "correspondence", "unet_int8"}
@@ -75,7 +75,7 @@ def test_index_and_run_at_int8_and_the_catalogue_refuses_a_mixed_run(int8_home, 
     scans = tmp_path / "scans"
     scans.mkdir()
     shutil.copy(ROOT / "examples" / "scans" / "church.jpg", scans)
-    assert runner.invoke(app, ["index", str(refs), "--catalog", str(fp32_catalog)]).exit_code == 0
+    assert runner.invoke(app, ["index", str(refs), "--catalog", str(fp32_catalog), "--precision", "fp32"]).exit_code == 0
     result = runner.invoke(app, ["index", str(refs), "--catalog", str(int8_catalog), "--precision", "int8"])
     assert result.exit_code == 0, result.output
 
@@ -121,3 +121,36 @@ def test_models_pull_int8_from_the_cli_reports_the_twins_current(int8_home, monk
     lines = [line.split() for line in result.output.splitlines()]
     assert ["current", "unet_int8"] in [line[:2] for line in lines]
     assert ["current", "vgg16_features_int8"] in [line[:2] for line in lines]
+
+
+def test_auto_precision_follows_the_catalogue_then_the_installed_twins(int8_home, models_home):
+    from archivecolor.models.session import resolve_precision
+
+    assert resolve_precision("fp32", "cpu", int8_home) == "fp32"
+    assert resolve_precision("auto", "cpu", int8_home, catalog_precision="fp32") == "fp32"  # old catalogues keep working
+    assert resolve_precision("auto", "cpu", int8_home) == "int8"  # twins installed, on the CPU
+    assert resolve_precision("auto", "cpu", models_home) == "fp32"  # no twins
+    assert Models.open("cpu", int8_home).precision == "int8"
+
+
+def test_a_default_run_uses_the_catalogues_precision(int8_home, tmp_path, monkeypatch):
+    monkeypatch.setenv("ARCHIVECOLOR_HOME", str(int8_home))
+    runner = CliRunner()
+    refs = ROOT / "examples" / "references"
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(ROOT / "examples" / "scans" / "church.jpg", scans)
+    for precision in ("fp32", "int8"):
+        catalog = tmp_path / f"{precision}.sqlite"
+        assert runner.invoke(app, ["index", str(refs), "--catalog", str(catalog), "--precision", precision]).exit_code == 0
+        again = runner.invoke(app, ["index", str(refs), "--catalog", str(catalog)])  # auto keeps the catalogue's
+        assert again.exit_code == 0, again.output
+        out = tmp_path / f"out-{precision}"
+        done = runner.invoke(app, ["run", str(scans), "--out", str(out), "--catalog", str(catalog)])
+        assert done.exit_code == 0, done.output
+        assert json.loads((out / "church.jpg.json").read_text())["parameters"]["precision"] == precision
+    fresh = tmp_path / "fresh.sqlite"
+    assert runner.invoke(app, ["index", str(refs), "--catalog", str(fresh)]).exit_code == 0
+    from archivecolor.catalog import catalogue_precision
+
+    assert catalogue_precision(fresh) == "int8"  # a new catalogue on the CPU, twins installed

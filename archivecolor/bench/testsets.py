@@ -16,12 +16,12 @@ from archivecolor.bench.baselines import global_transfer
 from archivecolor.bench.metrics import LPIPS, METRICS, colorfulness, mse01, psnr, ssim
 from archivecolor.bench.report import lab_rgb, markdown, write_figures
 from archivecolor.bench.stats import mean_ci, paired_test
-from archivecolor.catalog import Catalog, centre_square, index_references
+from archivecolor.catalog import Catalog, catalogue_precision, centre_square, index_references
 from archivecolor.color import normalise_l, rgb_to_lab, to_uint8
 from archivecolor.errors import UsageError
 from archivecolor.imageio import file_walk_images, read_image, to_upright
 from archivecolor.models.layout import WARPED_AB
-from archivecolor.models.session import INT8_SUFFIX
+from archivecolor.models.session import INT8_SUFFIX, resolve_precision
 from archivecolor.models.store import downloads_dir, model_dir
 from archivecolor.models.weights import sha256_file
 from archivecolor.pipeline import DEFAULT_WORKING_SIZE, Models, Prediction, ReferenceCache, StageTimes, predict
@@ -44,7 +44,7 @@ class BenchOptions:
     lpips_net: str = "alex"
     home: Path | None = None
     figures: bool = True
-    precision: str = "fp32"
+    precision: str = "auto"
     model_path: Path | None = None  # a U-Net of one's own export instead of the installed one
 
 
@@ -97,14 +97,16 @@ def run_bench(
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     catalog_path = options.catalog
+    precision = resolve_precision(options.precision, options.provider, options.home,
+                                  catalogue_precision(catalog_path) if options.references is None else None)
     if options.references is not None:
         catalog_path = out / "references.sqlite"
         index_references(options.references, catalog_path, provider=options.provider, home=options.home,
-                         precision=options.precision)
+                         precision=precision)
     if catalog_path is None:
         raise UsageError("pass --catalog PATH or --references DIR for the references")
     items = _test_images(testsets, options.limit)
-    models = Models.open(options.provider, options.home, precision=options.precision, unet_path=options.model_path)
+    models = Models.open(options.provider, options.home, precision=precision, unet_path=options.model_path)
     cache = ReferenceCache(models)
     catalog = Catalog.open(catalog_path)
     catalog.check_model(models.backbone, models.features.model.sha256, "gem", models.precision)

@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from archivecolor.errors import ModelNotFound, ProviderUnavailable, UsageError
-from archivecolor.models.store import InstalledModel, verified_path
+from archivecolor.models.store import InstalledModel, read_manifest, verified_path
 from archivecolor.models.weights import sha256_file
 
 PROVIDER_CHOICES = ("auto", "cuda", "cpu")
@@ -140,14 +140,33 @@ def open_session(name: str, provider: str = "auto", home: Path | None = None, th
     return ModelSession(name, entry, session)
 
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("auto", "fp32", "int8")
+
+
+def resolve_precision(precision: str, provider: str = "auto", home: Path | None = None,
+                      catalog_precision: str | None = None) -> str:
+    """fp32 or int8 for ``precision``. ``auto``: the precision of the catalogue the references are retrieved
+    from (``catalog_precision``, so that a catalogue keeps working), else int8 on the CPU where ``models
+    pull`` made the int8 twins, else fp32 (on CUDA, or without the twins)."""
+    from archivecolor.models.registry import DEFAULT_BACKBONE, features_name
+
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if catalog_precision is not None:
+        return catalog_precision
+    if provider_list(provider) != [_CPU]:
+        return "fp32"
+    manifest = read_manifest(home)
+    twins = all(name + INT8_SUFFIX in manifest for name in (features_name(DEFAULT_BACKBONE), "unet"))
+    return "int8" if twins else "fp32"
 
 
 def open_precision(name: str, precision: str, provider: str = "auto", home: Path | None = None, threads: int = 0,
                    path: Path | None = None) -> ModelSession:
-    """``name`` at ``precision``: fp32, or int8 (the twin that ``models pull --int8`` quantizes)."""
-    if precision not in PRECISIONS:
-        raise UsageError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    """``name`` at ``precision``: fp32, int8 (the twin that ``models pull --int8`` quantizes) or auto."""
+    precision = resolve_precision(precision, provider, home)
     if precision == "fp32" or path is not None:
         return open_session(name, provider, home, threads, path=path)
     try:
