@@ -117,8 +117,8 @@ def test_refinement_equals_scoring_the_nine_resampled_neighbours():
 
 def test_the_exported_graph_stays_small():
     """The correspondence graph had 6,307 nodes and took ONNX Runtime 2-3 s to open; shared sampling
-    taps and the 4x4 refinement brought it near 3,300. Guard the structure, not a timing."""
+    taps, the 4x4 refinement and multi-dimensional gathers brought it near 3,000. Guard the structure, not a timing."""
     pytest.importorskip("torch")
     from export.onnx_export import export_correspondence
 
-    assert len(export_correspondence().graph.node) < 3600
+    assert len(export_correspondence().graph.node) < 3300

@@ -94,15 +94,18 @@ def _channels_last(*xs: torch.Tensor) -> torch.Tensor:
 
 
 def _gather(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows of a (B, H, W, C) table at flat indices (B, h, w, k): (B, h, w, k, C)."""
-    rows = table.reshape(-1, table.shape[-1])[index.reshape(-1)]
-    return rows.reshape(index.shape[0], index.shape[1], index.shape[2], index.shape[3], -1)
+    """Rows of a (B, H, W, C) table at flat indices of any shape: index.shape + (C,)."""
+    return table.flatten(0, 2)[index]
 
 
 def _sample(table: torch.Tensor, taps: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Bilinear lookup of a (B, H, W, C) table at precomputed taps: (B, h, w, C)."""
     index, weight = taps
-    return (_gather(table, index) * weight).sum(dim=-2)
+    # One tap at a time: gathering all four at once quadruples the largest tensor of the graph.
+    total = _gather(table, index[..., 0]) * weight[..., 0, :]
+    for k in range(1, 4):
+        total = total + _gather(table, index[..., k]) * weight[..., k, :]
+    return total
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -127,10 +130,11 @@ def _refine(flow: torch.Tensor, t: torch.Tensor, r: torch.Tensor, temperature: f
     wx, wy = (px - x0).unsqueeze(-1), (py - y0).unsqueeze(-1)
     shifts = (-1.0, 0.0, 1.0, 2.0)
     columns = [raster.columns(x0 + dx) for dx in shifts]
-    index = torch.stack([raster.row_starts(y0 + dy) + x for dy in shifts for x in columns], dim=-1).long()  # (B, h, w, 16)
+    table = _channels_last(_centred_unit(r))
     tn = _channels_last(_centred_unit(t)).unsqueeze(-2)  # (B, h, w, 1, C)
-    dots = (_gather(_channels_last(_centred_unit(r)), index) * tn).sum(dim=-1)  # (B, h, w, 16)
-    dots = dots.reshape(dots.shape[0], dots.shape[1], dots.shape[2], 4, 4)  # [..., row y0-1..y0+2, column]
+    # Row by row (four columns each), so that at most a quarter of the 16 gathered vectors is held at once.
+    dots = torch.stack([(_gather(table, torch.stack([raster.row_starts(y0 + dy) + x for x in columns], dim=-1).long())
+                         * tn).sum(dim=-1) for dy in shifts], dim=-2)  # (B, h, w, 4, 4): [row y0-1..y0+2, column]
     across = dots[..., :3] * (1.0 - wx.unsqueeze(-1)) + dots[..., 1:] * wx.unsqueeze(-1)  # (B, h, w, 4, 3)
     scores = across[..., :3, :] * (1.0 - wy.unsqueeze(-1)) + across[..., 1:, :] * wy.unsqueeze(-1)  # [.., dy, dx]
     weights = torch.softmax(scores.flatten(-2) / temperature, dim=-1).unflatten(-1, (3, 3))
