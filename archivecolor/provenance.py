@@ -7,7 +7,7 @@ import json
 import re
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -135,34 +135,91 @@ def schema_problem(document: object) -> str | None:
     return f"{where}: {error.message}"
 
 
-def write_sidecar(output: Path, document: dict) -> Path:
-    problem = schema_problem(document)
-    if problem is not None:  # a bug, not a user error: never certify with a malformed record
-        raise ValueError(f"refusing to write an invalid sidecar for {output}: {problem}")
+@dataclass(frozen=True)
+class SourceRecord:
+    """The scan as it was read."""
+
+    root: str  # the scans folder, relative to OUT_DIR (schema 2) or absolute (schema 1)
+    path: str  # relative to root
+    sha256: str
+    width: int
+    height: int
+    bit_depth: int
+    format: str
+    orientation: int = 1
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    """The colorized file as it was written."""
+
+    path: str  # relative to OUT_DIR
+    sha256: str
+    format: str
+    bit_depth: int
+    xmp_embedded: bool
+    xmp_sidecar: str | None = None
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    """The provenance record of one output (``<output>.json``): what was read and written, with which
+    references, models and parameters. Validated against ``provenance.schema.json`` both ways."""
+
+    source: SourceRecord
+    output: OutputRecord
+    references: list[dict]  # path, sha256, similarity, catalog_id, share of the pixels
+    models: dict[str, str]  # graph name -> sha256 of the file that ran
+    backbone: str
+    provider: str  # the ONNX Runtime provider that really ran
+    parameters: dict
+    started_utc: str
+    finished_utc: str
+    durations_s: dict[str, float]
+    warnings: list[str]
+    candidates: list[dict] = field(default_factory=list)  # the catalogue's best matches, when retrieved
+    archivecolor_version: str = __version__
+    schema_version: int = SCHEMA_VERSION
+
+    def to_document(self) -> dict:
+        document = {
+            "schema": SIDECAR_SCHEMA, "schema_version": self.schema_version,
+            "archivecolor_version": self.archivecolor_version,
+            "source": asdict(self.source), "output": asdict(self.output), "references": self.references,
+            "models": self.models, "backbone": self.backbone, "provider": self.provider,
+            "parameters": self.parameters, "started_utc": self.started_utc, "finished_utc": self.finished_utc,
+            "durations_s": {k: round(v, 4) for k, v in self.durations_s.items()}, "warnings": self.warnings,
+            "digital_source_type": DIGITAL_SOURCE_TYPE,
+        }
+        if self.candidates:
+            document["candidates"] = self.candidates
+        problem = schema_problem(document)
+        if problem is not None:  # a bug, not a user error: never certify with a malformed record
+            raise ValueError(f"refusing to write an invalid sidecar for {self.output.path}: {problem}")
+        return document
+
+    @classmethod
+    def from_document(cls, document: dict) -> Sidecar:
+        """The record of a sidecar's JSON; ValueError naming the first problem when the schema refuses it."""
+        problem = schema_problem(document)
+        if problem is not None:
+            raise ValueError(f"not a valid sidecar ({problem})")
+        known = {f.name for f in fields(SourceRecord)}
+        return cls(
+            source=SourceRecord(**{k: v for k, v in document["source"].items() if k in known}),
+            output=OutputRecord(**{k: v for k, v in document["output"].items() if k in {f.name for f in fields(OutputRecord)}}),
+            references=document["references"], models=document["models"], backbone=document["backbone"],
+            provider=document["provider"], parameters=document["parameters"], started_utc=document["started_utc"],
+            finished_utc=document["finished_utc"], durations_s=document["durations_s"], warnings=document["warnings"],
+            candidates=document.get("candidates", []), archivecolor_version=document["archivecolor_version"],
+            schema_version=document["schema_version"],
+        )
+
+
+def write_sidecar(output: Path, record: Sidecar) -> Path:
     path = sidecar_path(output)
-    atomic_write_bytes(path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(record.to_document(), indent=2, sort_keys=True) + "\n").encode())
     return path
-
-
-def make_sidecar(
-    *, source_root: str, source_rel: str, source_sha256: str, scan_info: dict, output_rel: str,
-    output_sha256: str, output_format: str, output_bit_depth: int, xmp_embedded: bool, xmp_sidecar: str | None,
-    references: list[dict], models: dict[str, str], backbone: str, provider: str, parameters: dict,
-    started: str, finished: str, durations: dict[str, float], warnings: list[str], candidates: list[dict] | None = None,
-) -> dict:
-    document = {
-        "schema": SIDECAR_SCHEMA, "schema_version": SCHEMA_VERSION, "archivecolor_version": __version__,
-        "source": {"root": source_root, "path": source_rel, "sha256": source_sha256, **scan_info},
-        "output": {"path": output_rel, "sha256": output_sha256, "format": output_format,
-                   "bit_depth": output_bit_depth, "xmp_embedded": xmp_embedded, "xmp_sidecar": xmp_sidecar},
-        "references": references, "models": models, "backbone": backbone, "provider": provider,
-        "parameters": parameters, "started_utc": started, "finished_utc": finished,
-        "durations_s": {k: round(v, 4) for k, v in durations.items()}, "warnings": warnings,
-        "digital_source_type": DIGITAL_SOURCE_TYPE,
-    }
-    if candidates:
-        document["candidates"] = candidates
-    return document
 
 
 @dataclass
@@ -183,10 +240,10 @@ class VerifyReport:
                     or self.changed_reference or self.orphaned or self.unreadable or self.temp_files)
 
 
-def read_sidecar(path: Path) -> dict | None:
-    """A sidecar's document; None for a JSON file that is not an archivecolor sidecar.
+def read_sidecar(path: Path) -> Sidecar | None:
+    """A sidecar's record; None for a JSON file that is not an archivecolor sidecar.
 
-    Raises ValueError for one that claims to be a sidecar but lacks what verification needs.
+    Raises ValueError for one that claims to be a sidecar but breaks the schema.
     """
     try:
         doc = json.loads(path.read_bytes())
@@ -194,23 +251,20 @@ def read_sidecar(path: Path) -> dict | None:
         return None
     if not isinstance(doc, dict) or doc.get("schema") != SIDECAR_SCHEMA:
         return None
-    problem = schema_problem(doc)
-    if problem is not None:
-        raise ValueError(f"not a valid sidecar ({problem})")
-    return doc
+    return Sidecar.from_document(doc)
 
 
-def sidecars(out_dir: Path, unreadable: list[str]) -> Iterator[dict]:
-    """Every sidecar document under ``out_dir``, in path order; those that cannot be read are named in
+def sidecars(out_dir: Path, unreadable: list[str]) -> Iterator[Sidecar]:
+    """Every sidecar record under ``out_dir``, in path order; those that cannot be read are named in
     ``unreadable``, and JSON files that are not sidecars are passed over."""
-    for sidecar in sorted(out_dir.rglob(f"*{SIDECAR_SUFFIX}")):
+    for path in sorted(out_dir.rglob(f"*{SIDECAR_SUFFIX}")):
         try:
-            doc = read_sidecar(sidecar)
+            record = read_sidecar(path)
         except (OSError, ValueError) as exc:
-            unreadable.append(f"{sidecar}: {exc}")
+            unreadable.append(f"{path}: {exc}")
             continue
-        if doc is not None:
-            yield doc
+        if record is not None:
+            yield record
 
 
 REVIEW_IMAGES = ("review", "img")  # under OUT_DIR: the review's pictures, which verify leaves alone
@@ -244,21 +298,21 @@ def verify(out_dir: Path, scans_dir: Path | None = None) -> VerifyReport:
             hashes[path] = sha256_file(path) if path.is_file() else None
         return hashes[path]
 
-    for doc in sidecars(out_dir, report.unreadable):
-        output = out_dir / doc["output"]["path"]
-        root = scans_dir if scans_dir is not None else out_dir / doc["source"]["root"]
-        source = root / doc["source"]["path"]
+    for record in sidecars(out_dir, report.unreadable):
+        output = out_dir / record.output.path
+        root = scans_dir if scans_dir is not None else out_dir / record.source.root
+        source = root / record.source.path
         with_sidecar.add(output.resolve())
-        rel = doc["output"]["path"]
+        rel = record.output.path
         if digest(output) is None:
             report.missing_output.append(rel)
-        elif digest(output) != doc["output"]["sha256"]:
+        elif digest(output) != record.output.sha256:
             report.changed_output.append(rel)
         elif digest(source) is None:
             report.missing_source.append(rel)
-        elif digest(source) != doc["source"]["sha256"]:
+        elif digest(source) != record.source.sha256:
             report.changed_source.append(rel)
-        elif any(digest(Path(r["path"])) not in (None, r["sha256"]) for r in doc["references"]):
+        elif any(digest(Path(r["path"])) not in (None, r["sha256"]) for r in record.references):
             report.changed_reference.append(rel)
         else:
             report.ok.append(rel)

@@ -110,25 +110,25 @@ def build_review(
         return image.name
 
     cards: list[dict] = []
-    for doc in sidecars(out_dir, report.problems):
-        source = out_dir / doc["source"]["root"] / doc["source"]["path"]
-        output = out_dir / doc["output"]["path"]
+    for record in sidecars(out_dir, report.problems):
+        source = out_dir / record.source.root / record.source.path
+        output = out_dir / record.output.path
         card = {
-            "scan": doc["source"]["path"], "folder": _folder(doc["source"]["path"]), "status": "done",
-            "output": doc["output"]["path"], "reason": "", "warnings": doc["warnings"],
-            "match": _weighted_match(doc["references"]),
+            "scan": record.source.path, "folder": _folder(record.source.path), "status": "done",
+            "output": record.output.path, "reason": "", "warnings": record.warnings,
+            "match": _weighted_match(record.references),
             "source_missing": not source.is_file(),
-            "after": picture(output, doc["output"]["sha256"], THUMB_SIDE, "t"),
-            "after_full": picture(output, doc["output"]["sha256"], PREVIEW_SIDE, "p"),
-            "before": picture(source, doc["source"]["sha256"], THUMB_SIDE, "g") if source.is_file() else None,
-            "before_full": picture(source, doc["source"]["sha256"], PREVIEW_SIDE, "q") if source.is_file() else None,
+            "after": picture(output, record.output.sha256, THUMB_SIDE, "t"),
+            "after_full": picture(output, record.output.sha256, PREVIEW_SIDE, "p"),
+            "before": picture(source, record.source.sha256, THUMB_SIDE, "g") if source.is_file() else None,
+            "before_full": picture(source, record.source.sha256, PREVIEW_SIDE, "q") if source.is_file() else None,
             "references": [
                 {"path": r["path"], "name": Path(r["path"]).name, "sha256": r["sha256"], "share": r.get("share"),
                  "match": r.get("match"), "similarity": r.get("similarity"),
                  "thumb": picture(Path(r["path"]), r["sha256"], REFERENCE_SIDE, "r")}
-                for r in doc["references"]
+                for r in record.references
             ],
-            "candidates": doc.get("candidates", []),
+            "candidates": record.candidates,
             "source_path": source,
         }
         cards.append(card)

@@ -70,8 +70,10 @@ from archivecolor.pipeline import (
 )
 from archivecolor.provenance import (
     SIDECAR_SCHEMA,
+    OutputRecord,
+    Sidecar,
+    SourceRecord,
     build_xmp,
-    make_sidecar,
     sidecar_path,
     utc_now,
     write_sidecar,
@@ -577,21 +579,18 @@ def _write_records(ctx: RunContext, job: _Job, out_path: Path, fmt: str, bit_dep
     if options.xmp_sidecar:
         write_file(xmp_sidecar_path(out_path), xmp)
         xmp_file = xmp_sidecar_path(out_path).name
-    doc = make_sidecar(
+    record = Sidecar(
         # Paths as the file system has them: json escapes undecodable bytes reversibly (\udcXX).
-        source_root=os.path.relpath(ctx.scans_dir.resolve(), ctx.out_dir.resolve()), source_rel=job.rel.as_posix(),
-        source_sha256=job.sha256,
-        scan_info={"width": scan.width, "height": scan.height, "bit_depth": scan.bit_depth,
-                   "format": scan.format, "orientation": scan.orientation},
-        output_rel=job.output_rel.as_posix(), output_sha256=out_sha, output_format=fmt,
-        output_bit_depth=bit_depth, xmp_embedded=embed_xmp, xmp_sidecar=xmp_file, references=refs,
-        models=ctx.models.hashes(), backbone=ctx.models.backbone, provider=ctx.models.provider,
+        source=SourceRecord(os.path.relpath(ctx.scans_dir.resolve(), ctx.out_dir.resolve()), job.rel.as_posix(),
+                            job.sha256, scan.width, scan.height, scan.bit_depth, scan.format, scan.orientation),
+        output=OutputRecord(job.output_rel.as_posix(), out_sha, fmt, bit_depth, embed_xmp, xmp_file),
+        references=refs, models=ctx.models.hashes(), backbone=ctx.models.backbone, provider=ctx.models.provider,
         parameters=options.parameters() | {"batch_size": options.batch_size, "jobs": options.jobs},
-        started=job.started, finished=utc_now(),
-        durations={"decode": job.decode_s, "recombine_encode": encode_s, "total": time.perf_counter() - job.t0},
-        warnings=warnings, candidates=job.candidates,
+        started_utc=job.started, finished_utc=utc_now(),
+        durations_s={"decode": job.decode_s, "recombine_encode": encode_s, "total": time.perf_counter() - job.t0},
+        warnings=warnings, candidates=job.candidates or [],
     )
-    write_sidecar(out_path, doc)
+    write_sidecar(out_path, record)
     result = FileResult(job.name, "done", printable_path(job.output_rel), references=refs,
                         seconds=time.perf_counter() - job.t0, warnings=warnings, source_sha256=job.sha256,
                         output_sha256=out_sha)

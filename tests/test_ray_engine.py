@@ -43,8 +43,8 @@ def tree(tmp_path_factory):
     return root
 
 
-def _comparable(doc: dict) -> dict:
-    doc = {k: v for k, v in doc.items() if k not in VARYING}
+def _comparable(record) -> dict:
+    doc = {k: v for k, v in record.to_document().items() if k not in VARYING}
     doc["parameters"] = {k: v for k, v in doc["parameters"].items() if k != "engine"}
     return doc
 

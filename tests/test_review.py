@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 import time
+from dataclasses import replace
 from html import escape as html_escape
 from pathlib import Path
 
@@ -55,8 +56,8 @@ def test_review_has_a_card_per_scan_with_candidates_and_reuses_its_images(run):
     assert (first.cards, first.failed, first.problems) == (5, 1, [])
     assert first.images_made > 0 and first.candidates_computed == 0  # the run recorded them
     sidecar = read_sidecar(out / "a" / "one.png.json")
-    assert len(sidecar["candidates"]) == CANDIDATES
-    assert sidecar["candidates"][0]["sha256"] == sidecar["references"][0]["sha256"]
+    assert len(sidecar.candidates) == CANDIDATES
+    assert sidecar.candidates[0]["sha256"] == sidecar.references[0]["sha256"]
     html = first.index.read_text()
     assert "broken.png" in html and html_escape(run["failure"]) in html
     for image in (out / "review" / "img").iterdir():
@@ -79,7 +80,8 @@ def test_review_escapes_every_name(run):
 def test_review_retrieves_candidates_for_a_fixed_reference_run(run, tmp_path, models_home):
     out = tmp_path / "fixed"
     colorize_folder(run["scans"], RunOptions(out=out, reference=run["refs"] / "ref0.png"))
-    assert "candidates" not in read_sidecar(out / "b" / "two.png.json")
+    assert read_sidecar(out / "b" / "two.png.json").candidates == []
+    assert "candidates" not in json.loads((out / "b" / "two.png.json").read_text())
     report = build_review(out, run["catalog"])
     assert report.candidates_computed == 4
     without = build_review(tmp_path / "fixed", run["catalog"], candidates=False)
@@ -224,7 +226,7 @@ def test_a_re_picked_reference_exported_redoes_only_that_scan(page, run):
     assert status == {"a/one.png": "skipped", f"a/{ODD}": "skipped", "b/two.png": "done", "b/three.png": "skipped",
                       "b/broken.png": "failed"}
     redone = read_sidecar(run["out"] / "b" / "two.png.json")
-    assert [r["path"] for r in redone["references"]] == [chosen]
+    assert [r["path"] for r in redone.references] == [chosen]
 
 
 @pytest.mark.slow
@@ -247,10 +249,12 @@ def test_a_review_of_1000_outputs(run, tmp_path):
         rgb = np.roll(base, 7 * i, axis=1) ^ rng.integers(0, 8, 3, dtype=np.uint8)
         Image.fromarray(rgb).save(out / folder / f"{i}.jpg", quality=90)
         Image.fromarray(gray_of(rgb)).save(scans / folder / f"{i}.jpg", quality=90)
-        doc = json.loads(json.dumps(template))
-        doc["source"].update(root="../scans", path=f"{folder}/{i}.jpg", sha256=sha256_file(scans / folder / f"{i}.jpg"))
-        doc["output"].update(path=f"{folder}/{i}.jpg", sha256=sha256_file(out / folder / f"{i}.jpg"))
-        write_sidecar(out / folder / f"{i}.jpg", doc)
+        record = replace(
+            template,
+            source=replace(template.source, root="../scans", path=f"{folder}/{i}.jpg",
+                           sha256=sha256_file(scans / folder / f"{i}.jpg")),
+            output=replace(template.output, path=f"{folder}/{i}.jpg", sha256=sha256_file(out / folder / f"{i}.jpg")))
+        write_sidecar(out / folder / f"{i}.jpg", record)
     started = time.perf_counter()
     first = build_review(out, run["catalog"])
     built = time.perf_counter() - started
