@@ -154,3 +154,21 @@ def test_a_default_run_uses_the_catalogues_precision(int8_home, tmp_path, monkey
     from archivecolor.catalog import catalogue_precision
 
     assert catalogue_precision(fresh) == "int8"  # a new catalogue on the CPU, twins installed
+
+
+def test_a_stale_twin_is_not_used(int8_home, tmp_path):
+    """After an upgrade replaces the float U-Net, its old int8 twin must not run: auto falls back to float,
+    and asking for int8 says to pull again."""
+    import json as json_
+
+    home = tmp_path / "home"
+    shutil.copytree(int8_home / "models", home / "models")
+    manifest_path = home / "models" / "manifest.json"
+    manifest = json_.loads(manifest_path.read_text())
+    manifest["unet_int8"]["source"]["quantized_from"] = "0" * 64
+    manifest_path.write_text(json_.dumps(manifest))
+    from archivecolor.models.session import resolve_precision
+
+    assert resolve_precision("auto", "cpu", home) == "fp32"
+    with pytest.raises(ModelNotFound, match="quantized from another unet.*models pull"):
+        Models.open("cpu", home, precision="int8")

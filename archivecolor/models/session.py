@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from archivecolor.errors import ModelNotFound, ProviderUnavailable, UsageError
-from archivecolor.models.store import InstalledModel, read_manifest, verified_path
+from archivecolor.models.store import InstalledModel, model_dir, read_manifest, verified_path
 from archivecolor.models.weights import sha256_file
 
 PROVIDER_CHOICES = ("auto", "cuda", "cpu")
@@ -159,8 +159,14 @@ def resolve_precision(precision: str, provider: str = "auto", home: Path | None 
     if provider_list(provider) != [_CPU]:
         return "fp32"
     manifest = read_manifest(home)
-    twins = all(name + INT8_SUFFIX in manifest for name in (features_name(DEFAULT_BACKBONE), "unet"))
-    return "int8" if twins else "fp32"
+    return "int8" if all(current_twin(manifest, name) for name in (features_name(DEFAULT_BACKBONE), "unet")) else "fp32"
+
+
+def current_twin(manifest: dict[str, InstalledModel], name: str) -> bool:
+    """Whether ``name``'s int8 twin is installed and was made from the float file installed now (an
+    upgrade that replaces the float file leaves the old twin stale until the next ``models pull``)."""
+    twin, source = manifest.get(name + INT8_SUFFIX), manifest.get(name)
+    return twin is not None and source is not None and twin.source.get("quantized_from") == source.sha256
 
 
 def open_precision(name: str, precision: str, provider: str = "auto", home: Path | None = None, threads: int = 0,
@@ -169,6 +175,9 @@ def open_precision(name: str, precision: str, provider: str = "auto", home: Path
     precision = resolve_precision(precision, provider, home)
     if precision == "fp32" or path is not None:
         return open_session(name, provider, home, threads, path=path)
+    if name + INT8_SUFFIX in (manifest := read_manifest(home)) and not current_twin(manifest, name):
+        raise ModelNotFound(f"{model_dir(home) / (name + INT8_SUFFIX)}.onnx was quantized from another {name} than the "
+                            f"one installed; run `archivecolor models pull` to make it again")
     try:
         return open_session(name + INT8_SUFFIX, provider, home, threads)
     except ModelNotFound as exc:
