@@ -100,7 +100,11 @@ def models_pull(
     if int8:
         from archivecolor.models.quantize import pull_int8
 
-        done += pull_int8(force=force, progress=lambda message: err.print(message))
+        try:
+            done += pull_int8(force=force, progress=lambda message: err.print(message))
+        except Exception as exc:  # optional: the float models are installed and runs fall back to them
+            err.print(f"warning: int8 models not made ({type(exc).__name__}: {exc}); runs use the float models. "
+                      f"Retry with `archivecolor models pull --int8`, or skip them with --no-int8", markup=False)
     for model, new in done:
         console.print(f"{'installed' if new else 'current  '}  {model.name:16} {model.size:>12,} B  {model.sha256}")
     console.print(f"models in {model_dir()}")

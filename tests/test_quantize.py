@@ -172,3 +172,20 @@ def test_a_stale_twin_is_not_used(int8_home, tmp_path):
     assert resolve_precision("auto", "cpu", home) == "fp32"
     with pytest.raises(ModelNotFound, match="quantized from another unet.*models pull"):
         Models.open("cpu", home, precision="int8")
+
+
+def test_a_failed_quantisation_leaves_the_float_models_working(models_home, tmp_path, monkeypatch):
+    """The int8 twins are optional: when they cannot be made (here: the calibration photos are gone),
+    `models pull` warns, exits 0, and runs use the float models."""
+    import archivecolor.models.quantize as quantize
+
+    home = tmp_path / "home"
+    shutil.copytree(models_home / "models", home / "models")
+    (home / "downloads").symlink_to(models_home / "downloads")
+    monkeypatch.setenv("ARCHIVECOLOR_HOME", str(home))
+    monkeypatch.setattr(quantize, "CALIBRATION_DIR", tmp_path / "no-photos")
+    result = CliRunner().invoke(app, ["models", "pull", "--offline"])
+    assert result.exit_code == 0, result.output
+    assert "int8 models not made" in result.output and "calibration photos are missing" in result.output
+    assert "unet_int8" not in read_manifest(home)
+    assert Models.open("cpu", home).precision == "fp32"
