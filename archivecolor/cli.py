@@ -486,7 +486,7 @@ def bench(
         console.print(table)
         return
     if pairs is not None:
-        summary = run_pairs(pairs, out, provider, model_path=model_path)
+        summary = run_pairs(pairs, out, provider, model_path=model_path, precision=precision)
         for who in ("ours", "he2018"):
             if who in summary:
                 console.print(f"{who:7} colourfulness {summary[who]['colorfulness']:.2f}  "

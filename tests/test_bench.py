@@ -99,8 +99,8 @@ def test_bench_writes_the_report(tmp_path, models_home):
 
 def test_pairs_against_he2018(tmp_path, models_home):
     folder = data_dir("he2018-demo") / "example"
-    summary = bench.run_pairs(folder, tmp_path / "pairs", home=models_home)
-    assert len(summary["pairs"]) == 2 and "he2018" in summary
+    summary = bench.run_pairs(folder, tmp_path / "pairs", home=models_home, precision="fp32")
+    assert len(summary["pairs"]) == 2 and "he2018" in summary and summary["precision"] == "fp32"
     assert 0.05 < summary["ours"]["ab_overlap"] < 1
     assert (tmp_path / "pairs" / "pairs.png").exists()
 

@@ -189,3 +189,15 @@ def test_a_failed_quantisation_leaves_the_float_models_working(models_home, tmp_
     assert "int8 models not made" in result.output and "calibration photos are missing" in result.output
     assert "unet_int8" not in read_manifest(home)
     assert Models.open("cpu", home).precision == "fp32"
+
+
+def test_the_pairs_benchmark_runs_at_the_precision_asked(int8_home, tmp_path):
+    from archivecolor.bench import run_pairs
+    from tests.conftest import data_dir
+
+    folder = data_dir("he2018-demo") / "example"
+    int8 = run_pairs(folder, tmp_path / "int8", provider="cpu", home=int8_home, precision="int8")
+    fp32 = run_pairs(folder, tmp_path / "fp32", provider="cpu", home=int8_home, precision="fp32")
+    assert (int8["precision"], fp32["precision"]) == ("int8", "fp32")
+    assert "unet_int8" in int8["models"] and "unet" in fp32["models"]
+    assert int8["ours"] != fp32["ours"]

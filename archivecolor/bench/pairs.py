@@ -20,13 +20,13 @@ from archivecolor.upsample import working_size as fit_working_size
 
 
 def run_pairs(pairs_dir: Path, out: Path, provider: str = "auto", home: Path | None = None,
-              working_size: int = 256, model_path: Path | None = None) -> dict:
+              working_size: int = 256, model_path: Path | None = None, precision: str = "auto") -> dict:
     """Colorize He et al.'s demo pairs with their given references; compare with their outputs in res/."""
     listing = pairs_dir / "pairs.txt"
     if not listing.is_file():
         raise UsageError(f"{listing}: missing; pass a folder with input/, res/ and pairs.txt")
     out.mkdir(parents=True, exist_ok=True)
-    models = Models.open(provider, home, unet_path=model_path)
+    models = Models.open(provider, home, unet_path=model_path, precision=precision)
     rows = []
     for line in listing.read_text().split("\n"):
         parts = line.split()
@@ -68,7 +68,7 @@ def run_pairs(pairs_dir: Path, out: Path, provider: str = "auto", home: Path | N
     fig.tight_layout()
     fig.savefig(out / "pairs.png", dpi=70)
     plt.close(fig)
-    summary = {"pairs": [r[0] for r in rows]}
+    summary = {"pairs": [r[0] for r in rows], "precision": models.precision, "models": models.hashes()}
     for who in ("ours", "he2018"):
         vals = [r[0][who] for r in rows if who in r[0]]
         if vals:
