@@ -90,10 +90,11 @@ _FORMAT_SUFFIXES = {"JPEG": {".jpg", ".jpeg"}, "PNG": {".png"}, "TIFF": {".tif",
                     "WEBP": {".webp"}}
 _XMP_FORMATS = {"JPEG", "PNG", "TIFF", "WEBP"}
 PENDING_PIXEL_LIMIT = 300_000_000  # decoded pixels held while waiting for a full batch
-# Seconds of the stage report that add up to the wall time; decoding and encoding run in worker threads
-# beside the networks, so "other" (wall minus these) goes negative where they overlapped.
-STAGES = ("walk", "open_models", "decode", "hash", "retrieval", "references", "features", "correspondence", "unet",
-          "recombine_encode")
+# The main thread's seconds, which add up to the wall time with "other" (planning, the ledger). Decoding
+# and recombining/encoding run on worker threads beside them: their own seconds are reported too, and
+# what the main thread spent waiting for them is wait_decode and wait_write.
+STAGES = ("walk", "open_models", "hash", "retrieval", "references", "features", "correspondence", "unet",
+          "wait_decode", "wait_write")
 CANDIDATES = 5  # catalogue candidates recorded per scan, for review and re-picking
 INTERRUPTED_EXIT = 130  # the shell's convention for a run stopped by Ctrl-C
 _WALK_REASONS = {
@@ -787,7 +788,8 @@ class _Batches:
         self.progress, self.total = progress, total
         self.cache = ReferenceCache(ctx.models)
         self.times = StageTimes()
-        self.extra = {"decode": 0.0, "hash": 0.0, "retrieval": 0.0, "recombine_encode": 0.0}
+        self.extra = {"decode": 0.0, "hash": 0.0, "retrieval": 0.0, "recombine_encode": 0.0, "wait_decode": 0.0,
+                      "wait_write": 0.0}
         self.claimed: dict[Path, str] = {}
         self.buckets: dict[tuple[int, int], list[_Job]] = {}
         self.writes: list[tuple[_Job, Future]] = []
@@ -878,6 +880,7 @@ class _Batches:
             if not block and not fut.done():
                 keep.append((job, fut))
                 continue
+            waited = time.perf_counter()
             try:
                 written: _Written = fut.result()
             except MemoryError:
@@ -887,6 +890,7 @@ class _Batches:
                 where = printable_path(self.ctx.out_dir / job.output_rel)
                 self.fail(job.name, failure_reason(exc, where), source_sha256=job.sha256)
                 continue
+            self.extra["wait_write"] += time.perf_counter() - waited
             self.extra["recombine_encode"] += written.encode_s
             if self.ledger is not None:
                 record(self.ledger, self.ctx, job.source, written.result, job.file_key)
@@ -908,7 +912,9 @@ class _Batches:
                 if should_stop and should_stop():
                     self.report.interrupted = True
                     break
+                waited = time.perf_counter()
                 scan, error, decode_s = next(decoded) if decoded is not None else _decode(source, options.max_pixels)
+                self.extra["wait_decode"] += time.perf_counter() - waited
                 try:
                     job = self.plan(source, scan, error, decode_s)
                 except (LedgerError, UsageError):
@@ -934,4 +940,5 @@ class _Batches:
             "retrieval": round(self.extra["retrieval"], 3), "references": round(self.cache.seconds, 3),
             "features": round(self.times.features, 3), "correspondence": round(self.times.correspondence, 3),
             "unet": round(self.times.unet, 3), "recombine_encode": round(self.extra["recombine_encode"], 3),
+            "wait_decode": round(self.extra["wait_decode"], 3), "wait_write": round(self.extra["wait_write"], 3),
             "reference_cache_hits": self.cache.hits, "reference_cache_misses": self.cache.misses}

@@ -19,7 +19,7 @@ from archivecolor.errors import UsageError
 from archivecolor.imageio import read_embedded_xmp, read_image
 from archivecolor.provenance import load_schema, read_xmp_fields
 from archivecolor.runner import RunOptions, colorize_folder
-from tests.conftest import colour_photos, gray_of
+from tests.conftest import ROOT, colour_photos, gray_of
 
 runner = CliRunner()
 
@@ -233,3 +233,19 @@ def test_tiff_compression_choices_give_the_same_pixels(tmp_path, reference, mode
     assert pixels["zlib"].dtype == np.uint16
     with pytest.raises(UsageError, match="--tiff-compression"):
         colorize_folder(scans, RunOptions(out=tmp_path / "bad", reference=reference, tiff_compression="lzw"))
+
+
+def test_the_stage_report_adds_up_to_the_wall_time(tmp_path, models_home):
+    """The main thread's stages plus "other" are the wall time; the worker threads' own seconds are extra."""
+    from archivecolor.runner import STAGES
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for i, photo in enumerate(colour_photos(3, (192, 128))):
+        Image.fromarray(gray_of(photo)).save(scans / f"{i}.png")
+    report = colorize_folder(scans, RunOptions(out=tmp_path / "out", reference=ROOT / "examples" / "references" / "kodim05.jpg"))
+    stages = report.stage_seconds
+    assert report.count("done") == 3 and set(STAGES) <= set(stages)
+    assert sum(stages[k] for k in STAGES) + stages["other"] == pytest.approx(stages["wall"], abs=0.01)
+    assert 0 <= stages["other"] < 0.5 * stages["wall"]
+    assert stages["decode"] > 0 and stages["recombine_encode"] > 0  # thread seconds, reported beside the sum
