@@ -201,3 +201,14 @@ def test_the_pairs_benchmark_runs_at_the_precision_asked(int8_home, tmp_path):
     assert (int8["precision"], fp32["precision"]) == ("int8", "fp32")
     assert "unet_int8" in int8["models"] and "unet" in fp32["models"]
     assert int8["ours"] != fp32["ours"]
+
+
+def test_quantizing_again_calibrates_through_the_float_graphs(int8_home, tmp_path):
+    """A forced re-pull, with current twins installed, must calibrate through the float graphs as the first
+    pull did, so the twins come out byte for byte the same (calibrating through the old twins would not)."""
+    home = tmp_path / "home"
+    shutil.copytree(int8_home / "models", home / "models")
+    before = read_manifest(home)
+    again = dict((model.name, model) for model, _ in pull_int8(home, force=True))
+    for name in ("vgg16_features_int8", "unet_int8"):
+        assert again[name].sha256 == before[name].sha256

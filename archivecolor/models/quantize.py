@@ -44,7 +44,7 @@ def calibration_feeds(home: Path | None = None, backbone: str = DEFAULT_BACKBONE
     """Inputs of the features graph and of the U-Net for every calibration pair, from the float32 graphs."""
     from archivecolor.pipeline import Models, load_reference, predict
 
-    models = Models.open("cpu", home, backbone)
+    models = Models.open("cpu", home, backbone, precision="fp32")  # never through an existing (stale) twin
     prepared = [load_reference(path, path.name, CALIBRATION_SHORT_SIDE) for path in calibration_photos()]
     features_feeds, unet_feeds = [], []
     for i, target in enumerate(prepared):
