@@ -54,7 +54,7 @@ from archivecolor.imageio import (
     to_upright,
     write_file,
 )
-from archivecolor.models.session import PRECISIONS, resolve_precision
+from archivecolor.models.session import resolve_precision
 from archivecolor.models.weights import sha256_bytes, sha256_file
 from archivecolor.pipeline import (
     DEFAULT_WORKING_SIZE,
@@ -161,8 +161,6 @@ class RunOptions:
                 "collection": self.collection, "references": mode, "tiff_compression": self.tiff_compression}
 
     def check(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.tiff_compression not in TIFF_COMPRESSIONS:
             raise UsageError(f"--tiff-compression {self.tiff_compression!r}: choose one of {', '.join(TIFF_COMPRESSIONS)}")
         if self.format not in FORMATS:
