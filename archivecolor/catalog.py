@@ -337,7 +337,11 @@ class Catalog:
 
     def _save(self, record: dict) -> None:
         if "id" not in record:
-            # Another indexer may have added this path since we looked: update its row instead.
+            # Another indexer may have added this path since we looked: update its row instead. The look-up
+            # and the insert it decides share one write lock (a transaction that has written holds it already),
+            # or a concurrent indexer can insert the same path between them.
+            if not self.db.conn.in_transaction:
+                self.db.execute("BEGIN IMMEDIATE")
             existing = self.db.execute("select id from photos where path = ?", [record["path"]]).fetchone()
             if existing is not None:
                 record = {**record, "id": existing[0]}
