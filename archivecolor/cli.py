@@ -381,13 +381,15 @@ def verify(
     for label, items in (("missing output", report.missing_output), ("changed output", report.changed_output),
                          ("missing source", report.missing_source), ("changed source", report.changed_source),
                          ("changed reference", report.changed_reference),
+                         ("sidecar edited (it no longer says what the output's XMP says made it)", report.edited_record),
                          ("orphaned (no sidecar)", report.orphaned), ("unreadable sidecar", report.unreadable),
                          ("temp file of a killed run (a re-run removes it)", report.temp_files)):
         for item in items:
             console.print(f"{label}: {item}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"{len(report.ok)} verified, {len(report.missing_output) + len(report.changed_output)} output "
                   f"problems, {len(report.missing_source) + len(report.changed_source)} source problems, "
-                  f"{len(report.changed_reference)} changed references, {len(report.orphaned)} orphaned, "
+                  f"{len(report.changed_reference)} changed references, {len(report.edited_record)} edited sidecars, "
+                  f"{len(report.orphaned)} orphaned, "
                   f"{len(report.temp_files)} temp files")
     raise typer.Exit(0 if report.clean else 1)
 

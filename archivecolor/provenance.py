@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 import uuid
@@ -13,13 +14,14 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 from archivecolor import __version__
-from archivecolor.imageio import atomic_write_bytes, file_walk, is_temp_file
+from archivecolor.imageio import atomic_write_bytes, file_walk, is_temp_file, read_embedded_xmp
 from archivecolor.models.weights import sha256_file
 
 SCHEMA_PATH = Path(__file__).with_name("provenance.schema.json")
 SCHEMA_VERSION = 2  # 2: source.root is relative to OUT_DIR
 DIGITAL_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/compositeWithTrainedAlgorithmicMedia"
 IPTC_EXT_NS = "http://iptc.org/std/Iptc4xmpExt/2008-02-29/"
+ARCHIVECOLOR_NS = "urn:archivecolor:provenance:1.0#"
 SIDECAR_SUFFIX = ".json"
 SIDECAR_SCHEMA = "archivecolor.sidecar"
 
@@ -51,11 +53,27 @@ def instance_id(source_sha256: str, params_key: str) -> str:
     return f"xmp.iid:{uuid.uuid5(uuid.NAMESPACE_URL, f'archivecolor-instance:{source_sha256}:{params_key}')}"
 
 
-def build_xmp(source_rel: str, source_sha256: str, params_key: str, references: list[dict]) -> bytes:
+# Recorded, but they do not change the pixels: left out of the record digest so that outputs stay
+# byte-identical across engines and batch settings.
+_UNDIGESTED_PARAMETERS = frozenset({"engine", "batch_size", "jobs"})
+
+
+def record_digest(source_sha256: str, references: list[dict], models: dict[str, str], backbone: str, provider: str,
+                  parameters: dict) -> str:
+    """The digest of what a sidecar says made its output. The output's XMP carries it, so `verify` can
+    tell a sidecar whose references, models, provider or parameters were edited afterwards."""
+    claims = {"source": source_sha256, "references": [[r["path"], r["sha256"]] for r in references],
+              "models": models, "backbone": backbone, "provider": provider,
+              "parameters": {k: v for k, v in parameters.items() if k not in _UNDIGESTED_PARAMETERS}}
+    return "sha256:" + hashlib.sha256(json.dumps(claims, sort_keys=True).encode()).hexdigest()
+
+
+def build_xmp(source_rel: str, source_sha256: str, params_key: str, references: list[dict], digest: str) -> bytes:
     """An XMP packet marking the file as an AI-colorized derivative of its source.
 
     It carries no wall-clock time (the JSON sidecar records when), so that outputs are reproducible
-    byte for byte; ``params_key`` must identify the models, parameters and references.
+    byte for byte; ``params_key`` must identify the models, parameters and references, and ``digest`` is
+    the sidecar's `record_digest`.
     """
     agent = f"archivecolor {__version__}"
     refs = ", ".join(Path(r["path"]).name for r in references)
@@ -71,13 +89,15 @@ def build_xmp(source_rel: str, source_sha256: str, params_key: str, references: 
     xmlns:stRef="http://ns.adobe.com/xap/1.0/sType/ResourceRef#"
     xmlns:stEvt="http://ns.adobe.com/xap/1.0/sType/ResourceEvent#"
     xmlns:dc="http://purl.org/dc/elements/1.1/"
+    xmlns:archivecolor="{ARCHIVECOLOR_NS}"
     Iptc4xmpExt:DigitalSourceType="{DIGITAL_SOURCE_TYPE}"
     Iptc4xmpExt:AISystemUsed="archivecolor exemplar-based colorization"
     Iptc4xmpExt:AISystemVersionUsed="{__version__}"
     xmp:CreatorTool="{agent}"
     xmpMM:DocumentID="{document_id(source_sha256, params_key)}"
     xmpMM:InstanceID="{instance_id(source_sha256, params_key)}"
-    xmpMM:OriginalDocumentID="sha256:{source_sha256}">
+    xmpMM:OriginalDocumentID="sha256:{source_sha256}"
+    archivecolor:RecordDigest="{digest}">
    <xmpMM:DerivedFrom rdf:parseType="Resource">
     <stRef:documentID>sha256:{source_sha256}</stRef:documentID>
     <stRef:filePath>{escape(source_rel)}</stRef:filePath>
@@ -102,7 +122,8 @@ def build_xmp(source_rel: str, source_sha256: str, params_key: str, references: 
 
 
 def read_xmp_fields(xmp: bytes) -> dict[str, str]:
-    """The archival fields back out of an XMP packet (DigitalSourceType, DocumentID, DerivedFrom)."""
+    """The archival fields back out of an XMP packet (DigitalSourceType, DocumentID, DerivedFrom,
+    RecordDigest)."""
     import xml.etree.ElementTree as ET
 
     text = xmp.decode("utf-8", "replace")
@@ -116,6 +137,7 @@ def read_xmp_fields(xmp: bytes) -> dict[str, str]:
         "DigitalSourceType": desc.get(f"{{{IPTC_EXT_NS}}}DigitalSourceType", ""),
         "DocumentID": desc.get(f"{mm}DocumentID", ""),
         "DerivedFrom": derived.text if derived is not None else "",
+        "RecordDigest": desc.get(f"{{{ARCHIVECOLOR_NS}}}RecordDigest", ""),
     }
 
 
@@ -181,6 +203,11 @@ class Sidecar:
     archivecolor_version: str = __version__
     schema_version: int = SCHEMA_VERSION
 
+    @property
+    def record_digest(self) -> str:
+        return record_digest(self.source.sha256, self.references, self.models, self.backbone, self.provider,
+                             self.parameters)
+
     def to_document(self) -> dict:
         document = {
             "schema": SIDECAR_SCHEMA, "schema_version": self.schema_version,
@@ -230,6 +257,7 @@ class VerifyReport:
     missing_source: list[str] = field(default_factory=list)
     changed_source: list[str] = field(default_factory=list)
     changed_reference: list[str] = field(default_factory=list)
+    edited_record: list[str] = field(default_factory=list)  # the sidecar no longer says what the output's XMP says
     orphaned: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
     temp_files: list[str] = field(default_factory=list)
@@ -237,7 +265,7 @@ class VerifyReport:
     @property
     def clean(self) -> bool:
         return not (self.missing_output or self.changed_output or self.missing_source or self.changed_source
-                    or self.changed_reference or self.orphaned or self.unreadable or self.temp_files)
+                    or self.changed_reference or self.edited_record or self.orphaned or self.unreadable or self.temp_files)
 
 
 def read_sidecar(path: Path) -> Sidecar | None:
@@ -282,9 +310,19 @@ def is_review_image(out_dir: Path, path: Path) -> bool:
     return len(rel) == 3 and rel[:2] == REVIEW_IMAGES and _REVIEW_IMAGE_NAME.fullmatch(rel[2]) is not None
 
 
+def embedded_record_digest(output: Path) -> str:
+    """The record digest in an output's embedded XMP; empty where it has none (outputs written before
+    record digests)."""
+    xmp = read_embedded_xmp(output)
+    try:
+        return read_xmp_fields(xmp)["RecordDigest"] if xmp else ""
+    except (ValueError, AttributeError):  # a packet we cannot parse says nothing
+        return ""
+
+
 def verify(out_dir: Path, scans_dir: Path | None = None) -> VerifyReport:
-    """Re-hash every output, its source and its references against their sidecars; list orphaned
-    outputs and temp files left by killed runs.
+    """Re-hash every output, its source and its references against their sidecars, check each sidecar
+    against the record digest in its output's XMP; list orphaned outputs and temp files left by killed runs.
 
     Sources are found under ``scans_dir`` when given (an archive moved apart from its outputs), else
     where the sidecar's root, relative to ``out_dir``, points.
@@ -308,6 +346,8 @@ def verify(out_dir: Path, scans_dir: Path | None = None) -> VerifyReport:
             report.missing_output.append(rel)
         elif digest(output) != record.output.sha256:
             report.changed_output.append(rel)
+        elif record.output.xmp_embedded and embedded_record_digest(output) not in ("", record.record_digest):
+            report.edited_record.append(rel)
         elif digest(source) is None:
             report.missing_source.append(rel)
         elif digest(source) != record.source.sha256:

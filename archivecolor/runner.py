@@ -74,6 +74,7 @@ from archivecolor.provenance import (
     Sidecar,
     SourceRecord,
     build_xmp,
+    record_digest,
     sidecar_path,
     utc_now,
     write_sidecar,
@@ -229,8 +230,11 @@ class Ledger:
             self.db.enable_wal()
             self.table = self.db.table("files", pk="source")
             self.db.execute("select 1").fetchone()
+        except sqlite3.OperationalError as exc:  # a full disk or no permission: the ledger itself may be fine
+            raise LedgerError(f"{path}: the run's ledger cannot be opened ({exc}); free space or fix permissions "
+                              f"in {path.parent}, then run the same command again") from exc
         except sqlite3.DatabaseError as exc:
-            raise LedgerError(f"{path}: the run's ledger cannot be opened ({exc}); move it aside to start afresh") from exc
+            raise LedgerError(f"{path}: not a ledger ({exc}); move it aside to start afresh") from exc
 
     def get(self, source: str) -> dict | None:
         if not self.table.exists():
@@ -250,7 +254,7 @@ class Ledger:
                 self.table.upsert(row, pk="source", alter=True)
         except sqlite3.Error as exc:
             raise LedgerError(f"{self.path}: cannot record {row['source']} ({exc}); free space or fix "
-                                    f"permissions, then run the same command again") from exc
+                              f"permissions, then run the same command again") from exc
 
     def close(self) -> None:
         self.db.conn.close()
@@ -545,7 +549,10 @@ def write_outputs(ctx: RunContext, job: _Job, prediction: Prediction, loaded: li
                             f"file as read; re-run `archivecolor index` to update the catalogue")
         refs.append(dict(chosen, sha256=ref.sha256 or chosen["sha256"], share=round(float((prediction.chosen == k).mean()), 4),
                          match=round(prediction.similarity[k], 4)))
-    xmp = build_xmp(job.name, job.sha256, job.file_key, refs)
+    models, parameters = ctx.models, ctx.options.parameters() | {"batch_size": ctx.options.batch_size,
+                                                                   "jobs": ctx.options.jobs}
+    digest = record_digest(job.sha256, refs, models.hashes(), models.backbone, models.provider, parameters)
+    xmp = build_xmp(job.name, job.sha256, job.file_key, refs, digest)
     embed_xmp = fmt in _XMP_FORMATS
     if not embed_xmp:
         warnings.append(f"{fmt} cannot carry XMP; provenance is in the JSON sidecar only")
@@ -560,7 +567,8 @@ def write_outputs(ctx: RunContext, job: _Job, prediction: Prediction, loaded: li
     out_sha = sha256_bytes(data)
     # The records go first and the image last: a run killed in between leaves a sidecar without its
     # output, which the next run recognises as its own and redoes, never an output nobody accounts for.
-    records = _write_records(ctx, job, out_path, fmt, bit_depth, out_sha, xmp, embed_xmp, refs, warnings, encode_s)
+    records = _write_records(ctx, job, out_path, fmt, bit_depth, out_sha, xmp, embed_xmp, refs, parameters, warnings,
+                             encode_s)
     try:
         write_file(out_path, data)
     except BaseException:
@@ -571,7 +579,7 @@ def write_outputs(ctx: RunContext, job: _Job, prediction: Prediction, loaded: li
 
 
 def _write_records(ctx: RunContext, job: _Job, out_path: Path, fmt: str, bit_depth: int, out_sha: str, xmp: bytes,
-                   embed_xmp: bool, refs: list[dict], warnings: list[str], encode_s: float) -> _Written:
+                   embed_xmp: bool, refs: list[dict], parameters: dict, warnings: list[str], encode_s: float) -> _Written:
     """The XMP sidecar (when asked for) and the JSON sidecar of an output about to be written."""
     options, scan = ctx.options, job.scan
     xmp_file = None
@@ -584,7 +592,7 @@ def _write_records(ctx: RunContext, job: _Job, out_path: Path, fmt: str, bit_dep
                             job.sha256, scan.width, scan.height, scan.bit_depth, scan.format, scan.orientation),
         output=OutputRecord(job.output_rel.as_posix(), out_sha, fmt, bit_depth, embed_xmp, xmp_file),
         references=refs, models=ctx.models.hashes(), backbone=ctx.models.backbone, provider=ctx.models.provider,
-        parameters=options.parameters() | {"batch_size": options.batch_size, "jobs": options.jobs},
+        parameters=parameters,
         started_utc=job.started, finished_utc=utc_now(),
         durations_s={"decode": job.decode_s, "recombine_encode": encode_s, "total": time.perf_counter() - job.t0},
         warnings=warnings, candidates=job.candidates or [],

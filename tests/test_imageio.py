@@ -35,13 +35,14 @@ def test_16bit_gray_tiff_in_16bit_rgb_tiff_out(tmp_path, photo):
     scan = read_image(src)
     assert scan.format == "TIFF" and scan.bit_depth == 16 and scan.pixels.dtype == np.uint16
     assert np.array_equal(scan.pixels, gray16)
-    xmp = build_xmp("scan.tif", "0" * 64, "key", [{"path": "ref.jpg"}])
+    xmp = build_xmp("scan.tif", "0" * 64, "key", [{"path": "ref.jpg"}], "sha256:" + "2" * 64)
     out = tmp_path / "out.tif"
     write_image(out, np.dstack([gray16] * 3), "TIFF", icc=SRGB, xmp=xmp)
     back = read_image(out)
     assert back.bit_depth == 16 and back.pixels.shape == (128, 192, 3)
     assert back.icc == SRGB
-    assert read_xmp_fields(read_embedded_xmp(out))["DerivedFrom"] == "sha256:" + "0" * 64
+    fields = read_xmp_fields(read_embedded_xmp(out))
+    assert fields["DerivedFrom"] == "sha256:" + "0" * 64 and fields["RecordDigest"] == "sha256:" + "2" * 64
 
 
 @pytest.mark.parametrize("compression", ["lzw", "zlib"])
@@ -119,7 +120,7 @@ def test_jpeg_carries_icc_exif_and_xmp(tmp_path, photo):
     exif = Image.Exif()
     exif[0x0110] = "Scanner X"
     out = tmp_path / "o.jpg"
-    xmp = build_xmp("a.jpg", "1" * 64, "k", [{"path": "r.jpg"}])
+    xmp = build_xmp("a.jpg", "1" * 64, "k", [{"path": "r.jpg"}], "sha256:" + "3" * 64)
     write_image(out, photo, "JPEG", icc=SRGB, exif=exif.tobytes(), xmp=xmp)
     scan = read_image(out)
     assert scan.icc == SRGB

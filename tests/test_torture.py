@@ -18,7 +18,7 @@ from archivecolor.cli import app
 from archivecolor.errors import ArchivecolorError, UsageError
 from archivecolor.imageio import read_image
 from archivecolor.provenance import verify
-from archivecolor.runner import INTERRUPTED_EXIT, RunOptions, colorize_file, colorize_folder
+from archivecolor.runner import INTERRUPTED_EXIT, LEDGER_NAME, RunOptions, colorize_file, colorize_folder
 from tests.conftest import ROOT, colour_photos, gray_of
 
 runner = CliRunner()
@@ -155,6 +155,61 @@ def test_format_same_writes_what_the_name_says(tmp_path, photos, reference, mode
     assert Image.open(out / "misnamed.png").format == "PNG" and not (out / "misnamed.jpg").exists()
 
 
+def mounted_tmpfs(path, size_bytes):
+    """A real small file system at ``path`` (needs root and tmpfs); skips the test where it cannot be had."""
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip() or 'mount failed'}); "
+                    "the injected-ENOSPC tests cover the same paths")
+
+
+@pytest.mark.parametrize("fills", ["outputs", "ledger"])
+def test_a_real_full_disk_leaves_nothing_partial_and_a_later_run_completes(tmp_path, photos, reference, models_home,
+                                                                           fills):
+    scans = gray_scans(tmp_path / "scans", colour_photos(4), 4)  # full size: outputs dwarf the ledger
+    roomy = tmp_path / "roomy"
+    colorize_folder(scans, RunOptions(out=roomy, reference=reference))
+    needed = sum(p.stat().st_size for p in roomy.rglob("*") if p.is_file())
+    images = sum(p.stat().st_size for p in roomy.glob("*.png"))
+    disk = tmp_path / "disk"
+    # Room for the ledger (its write-ahead log grows to about 100 KB) and about half the outputs, or for
+    # less than the ledger needs.
+    mounted_tmpfs(disk, 256 * 1024 + images // 2 if fills == "outputs" else 32 * 1024)
+    try:
+        out = disk / "out"
+        try:
+            report = colorize_folder(scans, RunOptions(out=out, reference=reference))
+            assert fills == "outputs", "the ledger should not have had room"
+            failed = [r for r in report.results if r.status == "failed"]
+            assert failed and all("No space left" in r.reason for r in failed)
+            assert report.count("done") >= 1 and report.exit_code == 1
+        except ArchivecolorError as exc:  # the ledger itself could not grow: the run stops with one line
+            assert fills == "ledger" and "free space" in str(exc) and "run the same command again" in str(exc)
+        check = verify(out)
+        assert not (check.changed_output or check.orphaned or check.temp_files or check.unreadable)
+        for image in (p for p in out.iterdir() if p.suffix == ".png"):  # what was written is whole
+            assert np.array_equal(read_image(image).pixels, read_image(roomy / image.name).pixels)
+        subprocess.run(["mount", "-o", f"remount,size={needed * 4}", str(disk)], check=True)
+        again = colorize_folder(scans, RunOptions(out=out, reference=reference))
+        assert again.exit_code == 0 and verify(out).clean
+        assert sorted(p.name for p in out.glob("*.png")) == sorted(p.name for p in roomy.glob("*.png"))
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_ledger_that_is_not_one_is_one_error_line_and_left_alone(tmp_path, photos, reference, models_home):
+    scans = gray_scans(tmp_path / "scans", photos, 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LEDGER_NAME).write_bytes(b"these are not the rows you are looking for" * 100)
+    result = runner.invoke(app, ["run", str(scans), "--out", str(out), "--reference", str(reference)])
+    assert result.exit_code == 1 and "not a ledger" in result.output and "move it aside" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert (out / LEDGER_NAME).read_bytes().startswith(b"these are not") and not (out / "scan0.png").exists()
+
+
 def test_interrupted_run_exits_130_and_resumes(tmp_path, photos, reference, models_home):
     scans = gray_scans(tmp_path / "scans", photos, 3)
     out = tmp_path / "out"
@@ -208,15 +263,25 @@ def test_verify_follows_a_moved_archive_and_survives_foreign_json(tmp_path, phot
     result = runner.invoke(app, ["verify", str(moved / "out"), "--scans", str(apart)])
     assert result.exit_code == 0, result.output
 
-    doc = json.loads((moved / "out" / "scan0.png.json").read_text())
-    doc["references"][0]["sha256"] = "0" * 64  # an edited sidecar
-    (moved / "out" / "scan0.png.json").write_text(json.dumps(doc))
-    assert verify(moved / "out", apart).changed_reference == ["scan0.png"]
-    doc["provider"] = "TotallyRealGPU"  # not a provider that exists: the schema refuses it
-    (moved / "out" / "scan0.png.json").write_text(json.dumps(doc))
+    sidecar = moved / "out" / "scan0.png.json"
+    original = sidecar.read_text()
+    doc = json.loads(original)
+    edits = {"reference sha256": ("references", [dict(doc["references"][0], sha256="0" * 64)]),
+             "provider": ("provider", "CUDAExecutionProvider"),
+             "model": ("models", dict(doc["models"], unet="f" * 64)),
+             "parameter": ("parameters", dict(doc["parameters"], working_size=512))}
+    for what, (key, value) in edits.items():  # each a valid sidecar that no longer says what made the output
+        sidecar.write_text(json.dumps(dict(doc, **{key: value})))
+        assert verify(moved / "out", apart).edited_record == ["scan0.png"], what
+        result = runner.invoke(app, ["verify", str(moved / "out"), "--scans", str(apart)])
+        assert result.exit_code == 1 and "sidecar edited" in result.output, what
+    sidecar.write_text(json.dumps(dict(doc, parameters=dict(doc["parameters"], engine="ray", jobs=7))))
+    assert verify(moved / "out", apart).clean  # what does not change the pixels is not part of the digest
+    sidecar.write_text(json.dumps(dict(doc, provider="TotallyRealGPU")))  # not a provider: the schema refuses it
     assert "provider" in verify(moved / "out", apart).unreadable[0]
-    doc["provider"] = "CPUExecutionProvider"
-    (moved / "out" / "scan0.png.json").write_text(json.dumps(doc))
+    sidecar.write_text(original)
+    reference.write_bytes(reference.read_bytes() + b"\0")  # the reference file itself changes
+    assert verify(moved / "out", apart).changed_reference == ["scan0.png"]
     (moved / "out" / ".scan0.png.4242.tmp").write_bytes(b"half")
     assert verify(moved / "out", apart).temp_files == [".scan0.png.4242.tmp"]
 
