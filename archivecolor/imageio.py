@@ -24,10 +24,13 @@ from archivecolor.color import gray_to_l, is_near_gray, rgb_to_lab, to_uint8
 from archivecolor.errors import ImageReadError, ImageTooLarge, ImageWriteError
 
 DEFAULT_MAX_PIXELS = 400_000_000
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
+# The suffixes of each format we write, the usual one first.
+FORMAT_SUFFIXES = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "TIFF": (".tif", ".tiff"), "BMP": (".bmp",),
+                   "WEBP": (".webp",)}
+FORMAT_SUFFIX = {fmt: suffixes[0] for fmt, suffixes in FORMAT_SUFFIXES.items()}
+IMAGE_SUFFIXES = {suffix for suffixes in FORMAT_SUFFIXES.values() for suffix in suffixes} | {".gif"}  # what we read
 JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
 TIFF_COMPRESSIONS = ("zlib", "zstd", "none")
-FORMAT_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "TIFF": ".tif", "BMP": ".bmp", "WEBP": ".webp"}
 _TIFF_ICC, _TIFF_XMP, _TIFF_ORIENTATION = 34675, 700, 274
 _EXIF_ORIENTATION = 0x0112
 
@@ -490,8 +493,7 @@ def encode_image(
         alpha = None if alpha is None else to_uint8(alpha)
     if alpha is not None:
         if alpha.dtype != rgb.dtype:
-            scale = 257 if rgb.dtype == np.uint16 else 1 / 257
-            alpha = (alpha.astype(np.float64) * scale).round().astype(rgb.dtype)
+            alpha = alpha.astype(np.uint16) * 257 if rgb.dtype == np.uint16 else to_uint8(alpha)
         pixels = np.dstack([rgb, alpha])
     else:
         pixels = rgb

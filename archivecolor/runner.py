@@ -43,6 +43,7 @@ from archivecolor.errors import (
 from archivecolor.imageio import (
     DEFAULT_MAX_PIXELS,
     FORMAT_SUFFIX,
+    FORMAT_SUFFIXES,
     TIFF_COMPRESSIONS,
     Scan,
     encode_image,
@@ -86,9 +87,6 @@ LOCK_NAME = ".archivecolor.lock"
 FORMATS = ("same", "tiff", "png", "jpeg")
 ENGINES = ("local", "ray")
 _FORMAT_NAMES = {"tiff": "TIFF", "png": "PNG", "jpeg": "JPEG"}
-# Suffixes that already name each writable format (kept as they are, case included).
-_FORMAT_SUFFIXES = {"JPEG": {".jpg", ".jpeg"}, "PNG": {".png"}, "TIFF": {".tif", ".tiff"}, "BMP": {".bmp"},
-                    "WEBP": {".webp"}}
 _XMP_FORMATS = {"JPEG", "PNG", "TIFF", "WEBP"}
 PENDING_PIXEL_LIMIT = 300_000_000  # decoded pixels held while waiting for a full batch
 # The main thread's seconds, which add up to the wall time with "other" (planning, the ledger). Decoding
@@ -226,10 +224,15 @@ class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self.db = sqlite_utils.Database(sqlite3.connect(path, timeout=30))
-            self.db.enable_wal()
-            self.table = self.db.table("files", pk="source")
-            self.db.execute("select 1").fetchone()
+            conn = sqlite3.connect(path, timeout=30)
+            try:
+                self.db = sqlite_utils.Database(conn)
+                self.db.enable_wal()
+                self.table = self.db.table("files", pk="source")
+                self.db.execute("select 1").fetchone()
+            except BaseException:
+                conn.close()  # not left open: it would keep the output folder's file system busy
+                raise
         except sqlite3.OperationalError as exc:  # a full disk or no permission: the ledger itself may be fine
             raise LedgerError(f"{path}: the run's ledger cannot be opened ({exc}); free space or fix permissions "
                               f"in {path.parent}, then run the same command again") from exc
@@ -329,7 +332,8 @@ def output_format(scan_format: str, option: str) -> str:
 
 def output_relpath(rel: Path, fmt: str) -> Path:
     """The output's path: the source's, with a suffix that names the format actually written."""
-    return rel if rel.suffix.lower() in _FORMAT_SUFFIXES[fmt] else rel.with_suffix(FORMAT_SUFFIX[fmt])
+    # A suffix that already names the format is kept as it is, case included.
+    return rel if rel.suffix.lower() in FORMAT_SUFFIXES[fmt] else rel.with_suffix(FORMAT_SUFFIX[fmt])
 
 
 def read_mapping(path: Path, scans_dir: Path) -> dict[str, list[Path]]:

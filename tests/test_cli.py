@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -56,3 +57,25 @@ def test_bench_modes_cannot_be_combined_by_mistake(tmp_path):
     assert speed_only.exit_code == 2 and "only apply to --speed" in speed_only.output
     retrieval_and_speed = runner.invoke(app, ["bench", "--retrieval", "--speed", str(tmp_path)])
     assert retrieval_and_speed.exit_code == 2 and "--retrieval and --speed" in retrieval_and_speed.output
+
+
+def test_bench_from_the_command_line_writes_a_report_of_the_chosen_methods(tmp_path, models_home):
+    from PIL import Image
+
+    from tests.conftest import colour_photos
+
+    photos = colour_photos(4, (128, 96))
+    tests, refs = tmp_path / "tests", tmp_path / "refs"
+    for folder, picked in ((tests, photos[:2]), (refs, photos[2:])):
+        folder.mkdir()
+        for i, photo in enumerate(picked):
+            Image.fromarray(photo).save(folder / f"{folder.name}{i}.png")
+    out = tmp_path / "report"
+    result = runner.invoke(app, ["bench", str(tests), "--references", str(refs), "--methods", "gray,exemplar",
+                                 "--size", "96", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "report.json").read_text())
+    assert set(saved["methods"]) == {"gray", "exemplar"} and saved["methods"]["exemplar"]["n"] == 2
+    assert "exemplar" in result.output and (out / "report.md").stat().st_size > 0
+    unknown = runner.invoke(app, ["bench", str(tests), "--references", str(refs), "--methods", "gray,sepia"])
+    assert unknown.exit_code == 2 and "sepia" in unknown.output
