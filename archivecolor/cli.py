@@ -276,7 +276,8 @@ def run(
     mapping: Path = typer.Option(None, help="CSV with columns scan,reference chosen by hand"),
     top_k: int = typer.Option(1, "--top-k", help="fuse this many retrieved references per pixel"),
     working_size: int = typer.Option(256, help="short side the model works at (multiple of 16)"),
-    batch_size: int = typer.Option(4, help="scans per model batch"),
+    batch_size: int = typer.Option(0, help="scans per model batch; 0: auto (2 on the CPU, where larger "
+                                           "batches only hold more memory; 4 on CUDA)"),
     provider: str = ProviderOpt,
     precision: str = PrecisionOpt,
     format: str = typer.Option("same", "--format", help="output format: same, tiff, png or jpeg"),
@@ -454,6 +455,8 @@ def bench(
     top_k: int = typer.Option(1, "--top-k", min=1, help="with --speed: references retrieved per scan"),
     working_size: int = typer.Option(256, "--working-size", help="with --speed: the run's working size"),
     repeat: int = typer.Option(3, "--repeat", min=1, help="with --speed: timed runs, each in a fresh process"),
+    batch_size: int = typer.Option(0, "--batch-size", min=0, help="with --speed: scans per model batch (0: auto, "
+                                                                   "as `run`)"),
 ) -> None:
     """Measure colorization quality and speed on colour test photos, against baselines.
 
@@ -465,11 +468,11 @@ def bench(
                                       ("--retrieval", retrieval), ("--speed", speed is not None)) if given]
     if len(modes) > 1:
         raise UsageError(f"{' and '.join(modes)}: one benchmark at a time; run them as separate commands")
-    if speed is None and (reference is not None or top_k != 1 or working_size != 256 or repeat != 3):
-        raise UsageError("--reference, --top-k, --working-size and --repeat only apply to --speed SCANS")
+    if speed is None and (reference is not None or top_k != 1 or working_size != 256 or repeat != 3 or batch_size):
+        raise UsageError("--reference, --top-k, --working-size, --repeat and --batch-size only apply to --speed SCANS")
     if speed is not None:
         options = {"catalog": catalog, "reference": reference, "top_k": top_k, "working_size": working_size,
-                   "provider": provider, "precision": precision, "model_path": model_path}
+                   "provider": provider, "precision": precision, "model_path": model_path, "batch_size": batch_size}
         result = run_speed(speed, options, repeat)
         table = Table("stage", "seconds", title=f"median of {repeat} runs: {result['median_scans_per_s']} scans/s, "
                                                 f"{result['median_seconds']} s, peak RSS {result['peak_rss_mb']} MB")

@@ -117,12 +117,14 @@ def load_reference(path: Path, key: str, short_side: int, meta: dict | None = No
     return reference
 
 
-REFERENCE_CACHE_BYTES = 512 * 2**20  # about ten references' features at working size 256
+# About three references' features at working size 256: enough for runs that reuse a few references;
+# each reference more would hold 45 MB for a scan that may never come.
+REFERENCE_CACHE_BYTES = 128 * 2**20
 
 
 class ReferenceCache:
     """LRU of prepared references keyed by sha256 (many scans share one reference), bounded in bytes:
-    a reference's features at working size 256 take about 50 MB."""
+    a reference's features at working size 256 take about 45 MB."""
 
     def __init__(self, models: Models, max_bytes: int = REFERENCE_CACHE_BYTES) -> None:
         self.models = models

@@ -114,7 +114,7 @@ class RunOptions:
     mapping: Path | None = None
     top_k: int = 1
     working_size: int = DEFAULT_WORKING_SIZE
-    batch_size: int = 4
+    batch_size: int = 0  # 0: auto (see auto_batch_size)
     provider: str = "auto"
     format: str = "same"
     tiff_compression: str = "zlib"
@@ -166,12 +166,20 @@ class RunOptions:
             raise UsageError(f"--format {self.format!r}: choose one of {', '.join(FORMATS)}")
         if self.working_size % 16 or self.working_size < 64:
             raise UsageError(f"--working-size {self.working_size}: use a multiple of 16, at least 64")
-        if self.top_k < 1 or self.batch_size < 1 or self.jobs < 1 or self.workers < 1:
-            raise UsageError("--top-k, --batch-size, --jobs and --workers must be at least 1")
+        if self.top_k < 1 or self.jobs < 1 or self.workers < 1:
+            raise UsageError("--top-k, --jobs and --workers must be at least 1")
+        if self.batch_size < 0:
+            raise UsageError("--batch-size must be at least 1, or 0 for auto")
         if self.engine not in ENGINES:
             raise UsageError(f"--engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
         if self.gpus_per_worker < 0:
             raise UsageError("--gpus-per-worker must be 0 or more")
+
+
+def auto_batch_size(provider: str) -> int:
+    """Scans per model batch where the user leaves it to us: on the CPU larger batches are no faster but
+    hold more memory (24 scans of 1536x1024: peak RSS 1.9 GB at 4, 1.3 GB at 2); a GPU wants them."""
+    return 4 if provider == "CUDAExecutionProvider" else 2
 
 
 @dataclass
@@ -478,6 +486,7 @@ class RunContext:
         run_key = digest({"models": models.hashes(), **options.ledger_parameters()})
         output_key = digest({"models": models.hashes(), "working_size": options.working_size, "format": options.format,
                              "tiff_compression": options.tiff_compression})
+        options = replace(options, batch_size=options.batch_size or auto_batch_size(models.provider))
         return cls(scans_dir, out_dir, options, models, run_key, output_key)
 
     def file_key(self, reference_identity: str) -> str:

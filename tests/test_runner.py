@@ -211,6 +211,9 @@ def test_model_path_runs_a_users_own_unet_and_records_its_hash(tmp_path, referen
     doc = json.loads((tmp_path / "out" / "a.png.json").read_text())
     assert doc["models"]["unet"] == hashlib.sha256(own.read_bytes()).hexdigest()
     assert doc["parameters"]["model_path"] == str(own)
+    assert doc["parameters"]["batch_size"] == 2  # auto on the CPU: the batch that holds less memory
+    negative = _run(scans, "--out", tmp_path / "o3", "--reference", reference, "--batch-size", "-1")
+    assert negative.exit_code == 2 and "--batch-size must be at least 1, or 0 for auto" in negative.output
     missing = _run(scans, "--out", tmp_path / "o2", "--reference", reference, "--model-path", tmp_path / "nope.onnx")
     assert missing.exit_code == 2 and "nope.onnx: no such file" in missing.output
 
