@@ -282,8 +282,8 @@ def run(
     precision: str = PrecisionOpt,
     format: str = typer.Option("same", "--format", help="output format: same, tiff, png or jpeg"),
     tiff_compression: str = typer.Option("zlib", "--tiff-compression",
-                                         help="TIFF outputs: zlib (read everywhere), zstd (faster to write; needs "
-                                              "a recent reader) or none (fastest, largest)"),
+                                         help="TIFF outputs: zlib (deflate with the horizontal predictor, read "
+                                              "everywhere), zstd (needs a recent reader) or none (fastest, largest)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="redo files even when up to date"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list what would be done and with which reference"),
     jobs: int = typer.Option(2, help="threads for decoding and encoding"),

@@ -114,6 +114,13 @@ def l_to_gray(l: np.ndarray) -> np.ndarray:
     return np.clip(linear_to_srgb(y), 0.0, 1.0)
 
 
+# The gamut test's tolerance in sRGB, and the same bounds in linear RGB: the sRGB curve is monotonic,
+# so the bisection can test there and skip the curve at every step.
+GAMUT_TOLERANCE = 1e-4
+_LINEAR_LOW = -GAMUT_TOLERANCE / 12.92
+_LINEAR_HIGH = ((1.0 + GAMUT_TOLERANCE + 0.055) / 1.055) ** 2.4
+
+
 def lab_to_rgb_keep_l(lab: np.ndarray, steps: int = 12) -> np.ndarray:
     """CIELAB to sRGB in [0, 1] that keeps L exactly: out-of-gamut colours lose chroma, not lightness.
 
@@ -122,18 +129,21 @@ def lab_to_rgb_keep_l(lab: np.ndarray, steps: int = 12) -> np.ndarray:
     """
     lab = np.asarray(lab, dtype=np.float32)
     rgb = lab_to_rgb_unclipped(lab)
-    tol = 1e-4
-    outside = np.any((rgb < -tol) | (rgb > 1 + tol), axis=-1)
+    outside = np.any((rgb < -GAMUT_TOLERANCE) | (rgb > 1 + GAMUT_TOLERANCE), axis=-1)
     if np.any(outside):
         sub = lab[outside]
+        white = WHITE_D65.astype(np.float32)
+        to_linear = XYZ_TO_RGB.astype(np.float32)
+        fy = (sub[:, 0] + 16.0) / 116.0
+        y_part = (_f_inv(fy) * white[1])[:, None] * to_linear[:, 1]  # L is fixed: Y's share never changes
         lo = np.zeros(len(sub), dtype=np.float32)
         hi = np.ones(len(sub), dtype=np.float32)
         for _ in range(steps):
             mid = (lo + hi) / 2
-            trial = sub.copy()
-            trial[:, 1:] *= mid[:, None]
-            c = lab_to_rgb_unclipped(trial)
-            ok = np.all((c >= -tol) & (c <= 1 + tol), axis=-1)
+            x = _f_inv(fy + mid * sub[:, 1] / 500.0) * white[0]
+            z = _f_inv(fy - mid * sub[:, 2] / 200.0) * white[2]
+            linear = x[:, None] * to_linear[:, 0] + y_part + z[:, None] * to_linear[:, 2]
+            ok = np.all((linear >= _LINEAR_LOW) & (linear <= _LINEAR_HIGH), axis=-1)
             lo = np.where(ok, mid, lo)
             hi = np.where(ok, hi, mid)
         sub[:, 1:] *= lo[:, None]

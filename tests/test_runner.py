@@ -230,6 +230,7 @@ def test_tiff_compression_choices_give_the_same_pixels(tmp_path, reference, mode
         assert report.count("done") == 1
         with tifffile.TiffFile(out / "a.tif") as tif:
             assert tif.pages[0].compression.name == {"zlib": "ADOBE_DEFLATE", "zstd": "ZSTD", "none": "NONE"}[compression]
+            assert tif.pages[0].predictor == (1 if compression == "none" else 2)  # horizontal differencing
             pixels[compression] = tif.asarray()
         assert json.loads((out / "a.tif.json").read_text())["parameters"]["tiff_compression"] == compression
     assert np.array_equal(pixels["zlib"], pixels["zstd"]) and np.array_equal(pixels["zlib"], pixels["none"])
