@@ -164,3 +164,23 @@ def test_bench_and_pairs_run_a_unet_of_ones_own(tmp_path, models_home):
     summary = bench.run_pairs(data_dir("he2018-demo") / "example", tmp_path / "pairs", home=models_home, model_path=own)
     installed = bench.run_pairs(data_dir("he2018-demo") / "example", tmp_path / "pairs-installed", home=models_home)
     assert summary["ours"] != installed["ours"]
+
+
+def test_native_bench_on_non_square_photos_of_several_sizes(tmp_path, models_home):
+    photos = colour_photos(5)
+    tests, refs = tmp_path / "tests", tmp_path / "refs"
+    tests.mkdir()
+    refs.mkdir()
+    sizes = [(336, 200), (181, 97), (240, 240)]  # wide, odd-sized tall, square (width, height)
+    for i, size in enumerate(sizes):
+        Image.fromarray(photos[i]).resize(size).save(tests / f"t{i}.png")
+    for i in (3, 4):
+        Image.fromarray(photos[i]).save(refs / f"r{i}.png")
+    options = bench.BenchOptions(references=refs, size=None, methods=("gray", "warp-only", "exemplar"),
+                                 out=tmp_path / "report", home=models_home, figures=False)
+    report = bench.run_bench([tests], options)
+    assert report["protocol"]["size"] == "native"
+    for method in ("gray", "warp-only", "exemplar"):
+        assert report["methods"][method]["n"] == 3
+        assert all(np.isfinite(v) for v in report["methods"][method]["psnr"]["values"])
+    assert "global" not in report["methods"] and "top-k" not in report["methods"]
