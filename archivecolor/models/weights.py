@@ -12,6 +12,7 @@ so the torch modules and the ONNX weight filler read the same thing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -172,9 +173,10 @@ def _torch_hub_file(backbone: str, allow_download: bool) -> Path | None:
             import torch
         except ImportError:
             return None
-        try:
-            torch.hub.load_state_dict_from_url(external_weights()[backbone]["url"], progress=False, map_location="cpu",
-                                               check_hash=True)
+        try:  # torch announces the download even when there is no network; a fallback follows, so keep quiet
+            with contextlib.redirect_stdout(io.StringIO()):
+                torch.hub.load_state_dict_from_url(external_weights()[backbone]["url"], progress=False,
+                                                   map_location="cpu", check_hash=True)
         except Exception:  # no network is the normal case here
             return None
         if not (hub / name).exists():
