@@ -479,7 +479,8 @@ def bench(
         for name, seconds in result["stage_seconds"].items():
             table.add_row(name, str(seconds))
         console.print(table)
-        console.print("runs: " + ", ".join(f"{r['scans_per_s']} scans/s ({r['peak_rss_mb']} MB)" for r in result["runs"]))
+        console.print("runs: " + ", ".join(f"{r['scans_per_s']} scans/s ({r['peak_rss_mb']} MB, first output after "
+                                           f"{r['first_output_s']} s)" for r in result["runs"]))
         out.mkdir(parents=True, exist_ok=True)
         (out / "speed.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
         console.print(f"report: {out / 'speed.json'}")

@@ -8,6 +8,8 @@ from scipy import stats
 
 from archivecolor import bench
 from archivecolor.color import rgb_to_lab
+from archivecolor.errors import UsageError
+from archivecolor.runner import STAGES
 from tests.conftest import DATA, colour_photos, data_dir, gray_of
 
 
@@ -184,3 +186,21 @@ def test_native_bench_on_non_square_photos_of_several_sizes(tmp_path, models_hom
         assert report["methods"][method]["n"] == 3
         assert all(np.isfinite(v) for v in report["methods"][method]["psnr"]["values"])
     assert "global" not in report["methods"] and "top-k" not in report["methods"]
+
+
+def test_speed_times_fresh_runs_with_stages_that_add_up(tmp_path, models_home):
+    scans, ref = tmp_path / "scans", tmp_path / "ref.png"
+    scans.mkdir()
+    photos = colour_photos(3, (160, 112))
+    for i in range(2):
+        Image.fromarray(gray_of(photos[i])).save(scans / f"s{i}.png")
+    Image.fromarray(photos[2]).save(ref)
+    result = bench.run_speed(scans, {"reference": ref, "home": models_home}, repeat=1, work_dir=tmp_path)
+    run = result["runs"][0]
+    assert run["counts"]["done"] == 2 and run["scans_per_s"] == pytest.approx(2 / run["seconds"], rel=1e-2)
+    assert 0 < result["first_output_s"] and result["peak_rss_mb"] > 100
+    stages = result["stage_seconds"]
+    assert stages["wall"] == pytest.approx(sum(stages[k] for k in STAGES) + stages["other"], abs=0.01)
+    assert result["first_output_s"] > stages["open_models"]  # from the process's start: imports and models too
+    with pytest.raises(UsageError, match="not a folder"):
+        bench.run_speed(tmp_path / "none", {}, repeat=1)

@@ -37,18 +37,27 @@ def retrieval_latency(sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000), que
     return rows
 
 
-_SPEED_CHILD = "import sys; from archivecolor.bench.speed import speed_child; speed_child(sys.stdin.read())"
+_SPEED_CHILD = ("import time; started = time.perf_counter(); import sys; "
+               "from archivecolor.bench.speed import speed_child; speed_child(sys.stdin.read(), started)")
 
 
-def speed_child(request: str) -> None:
-    """One timed run in a fresh process (so that peak RSS and start-up are its own): JSON in, JSON out."""
+def speed_child(request: str, started: float) -> None:
+    """One timed run in a fresh process (so that peak RSS and start-up are its own): JSON in, JSON out.
+    ``started``: when the process began running Python, for the time to the first finished scan."""
     from archivecolor.runner import RunOptions, colorize_folder
 
     args = json.loads(request)
     options = RunOptions.from_dict(args["options"])
-    report = colorize_folder(args["scans"], options)
+    first: list[float] = []
+
+    def on_result(result, done: int, total: int) -> None:
+        if result.status == "done" and not first:
+            first.append(time.perf_counter() - started)
+
+    report = colorize_folder(args["scans"], options, progress=on_result)
     print(json.dumps({"seconds": report.seconds, "stage_seconds": report.stage_seconds,
                       "counts": report.as_dict()["counts"],
+                      "first_output_s": round(first[0], 3) if first else None,
                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
 
 
@@ -56,8 +65,9 @@ def run_speed(scans: Path, options: dict, repeat: int = 3, work_dir: Path | None
     """Colorize ``scans`` ``repeat`` times, each in a fresh process writing a fresh output folder.
 
     ``options``: RunOptions fields (catalog, reference, top_k, working_size, ...). Returns each run's
-    wall seconds, scans/s and peak RSS, the median run's stage seconds (they add up to its wall time:
-    "other" is the rest), and the median scans/s.
+    wall seconds, scans/s, peak RSS and seconds from the process's start to its first finished output
+    (imports and opening the models included), the median run's stage seconds (they add up to its wall
+    time: "other" is the rest), and the median scans/s.
     """
     import subprocess
     import sys
@@ -86,4 +96,5 @@ def run_speed(scans: Path, options: dict, repeat: int = 3, work_dir: Path | None
     median = runs[order[len(order) // 2]]
     return {"scans": str(scans), "options": options, "repeat": repeat, "runs": runs,
             "median_scans_per_s": median["scans_per_s"], "median_seconds": round(median["seconds"], 3),
-            "stage_seconds": median["stage_seconds"], "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
+            "stage_seconds": median["stage_seconds"], "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "first_output_s": median["first_output_s"]}
