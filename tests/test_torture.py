@@ -181,10 +181,9 @@ def test_a_real_full_disk_leaves_nothing_partial_and_a_later_run_completes(tmp_p
         out = disk / "out"
         try:
             report = colorize_folder(scans, RunOptions(out=out, reference=reference))
-            assert fills == "outputs", "the ledger should not have had room"
             failed = [r for r in report.results if r.status == "failed"]
-            assert failed and all("No space left" in r.reason for r in failed)
-            assert report.count("done") >= 1 and report.exit_code == 1
+            assert failed and all("No space left" in r.reason for r in failed) and report.exit_code == 1
+            assert report.count("done") >= 1 if fills == "outputs" else not report.count("done")
         except ArchivecolorError as exc:  # the ledger itself could not grow: the run stops with one line
             assert fills == "ledger" and "free space" in str(exc) and "run the same command again" in str(exc)
         check = verify(out)
