@@ -392,6 +392,9 @@ def verify(
                   f"{len(report.changed_reference)} changed references, {len(report.edited_record)} edited sidecars, "
                   f"{len(report.orphaned)} orphaned, "
                   f"{len(report.temp_files)} temp files")
+    if report.other_models:
+        console.print(f"{len(report.other_models)} made by models other than those installed here (an earlier "
+                      f"version, or --model-path); `archivecolor run` would redo them", markup=False)
     raise typer.Exit(0 if report.clean else 1)
 
 

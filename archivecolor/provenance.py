@@ -261,6 +261,9 @@ class VerifyReport:
     orphaned: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
     temp_files: list[str] = field(default_factory=list)
+    # Made by models other than those installed now (an earlier version, or --model-path): not a fault,
+    # but `run` would redo them.
+    other_models: list[str] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -320,14 +323,27 @@ def embedded_record_digest(output: Path) -> str:
         return ""
 
 
-def verify(out_dir: Path, scans_dir: Path | None = None) -> VerifyReport:
+def installed_model_hashes(home: Path | None = None) -> set[str]:
+    """The sha256 of every model installed in ``home`` (float and int8); empty where none can be read."""
+    from archivecolor.errors import ModelNotFound
+    from archivecolor.models.store import read_manifest
+
+    try:
+        return {entry.sha256 for entry in read_manifest(home).values()}
+    except ModelNotFound:
+        return set()
+
+
+def verify(out_dir: Path, scans_dir: Path | None = None, home: Path | None = None) -> VerifyReport:
     """Re-hash every output, its source and its references against their sidecars, check each sidecar
     against the record digest in its output's XMP; list orphaned outputs and temp files left by killed runs.
 
     Sources are found under ``scans_dir`` when given (an archive moved apart from its outputs), else
-    where the sidecar's root, relative to ``out_dir``, points.
+    where the sidecar's root, relative to ``out_dir``, points. Outputs whose models are not installed in
+    ``home`` are listed in ``other_models``.
     """
     report = VerifyReport()
+    installed = installed_model_hashes(home)
     with_sidecar: set[Path] = set()
     hashes: dict[Path, str | None] = {}
 
@@ -356,6 +372,8 @@ def verify(out_dir: Path, scans_dir: Path | None = None) -> VerifyReport:
             report.changed_reference.append(rel)
         else:
             report.ok.append(rel)
+        if installed and not set(record.models.values()) <= installed:
+            report.other_models.append(rel)
     for path, kind in file_walk(out_dir):
         if kind == "image" and path.resolve() not in with_sidecar and not is_review_image(out_dir, path):
             report.orphaned.append(str(path.relative_to(out_dir)))

@@ -253,7 +253,14 @@ def test_verify_follows_a_moved_archive_and_survives_foreign_json(tmp_path, phot
     assert not os.path.isabs(doc["source"]["root"]) and str(tmp_path) not in json.dumps(doc["source"])
     moved = tmp_path / "moved"
     base.rename(moved)  # the archive moves, outputs and scans together
-    assert verify(moved / "out").clean
+    assert verify(moved / "out").clean and verify(moved / "out").other_models == []  # the installed models made it
+    upgraded = tmp_path / "upgraded-home" / "models"  # models replaced since: not a fault, but worth saying
+    upgraded.mkdir(parents=True)
+    (upgraded / "manifest.json").write_text(json.dumps(
+        {name: {"name": name, "file": f"{name}.onnx", "sha256": "e" * 63 + str(i), "size": 1, "source": {}}
+         for i, name in enumerate(doc["models"])}))
+    assert verify(moved / "out", home=upgraded.parent).other_models == ["scan0.png"]
+    assert verify(moved / "out", home=upgraded.parent).clean
     (moved / "out" / "list.json").write_text("[1, 2]")
     (moved / "out" / "number.json").write_text("7")
     (moved / "out" / "latin1.json").write_bytes(b'{"name": "caf\xe9"}')
