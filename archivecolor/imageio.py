@@ -553,7 +553,11 @@ def write_image(path: Path, rgb: np.ndarray, fmt: str, **metadata) -> None:
 
 def read_embedded_xmp(path: Path) -> bytes | None:
     """The XMP packet stored uncompressed in a JPEG (APP1), PNG (iTXt) or TIFF (tag 700), if any."""
-    data = Path(path).read_bytes()
+    return find_xmp(Path(path).read_bytes())
+
+
+def find_xmp(data: bytes) -> bytes | None:
+    """The XMP packet in an image file's bytes (see ``read_embedded_xmp``), if any."""
     start = data.find(b"<x:xmpmeta")
     end = data.find(b"</x:xmpmeta>", start)
     if start < 0 or end < 0:

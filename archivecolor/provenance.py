@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import re
 import uuid
@@ -14,8 +13,8 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 from archivecolor import __version__
-from archivecolor.imageio import atomic_write_bytes, file_walk, is_temp_file, read_embedded_xmp
-from archivecolor.models.weights import sha256_file
+from archivecolor.imageio import atomic_write_bytes, file_walk, find_xmp, is_temp_file
+from archivecolor.models.weights import sha256_bytes, sha256_file
 
 SCHEMA_PATH = Path(__file__).with_name("provenance.schema.json")
 SCHEMA_VERSION = 2  # 2: source.root is relative to OUT_DIR
@@ -65,7 +64,7 @@ def record_digest(source_sha256: str, references: list[dict], models: dict[str, 
     claims = {"source": source_sha256, "references": [[r["path"], r["sha256"]] for r in references],
               "models": models, "backbone": backbone, "provider": provider,
               "parameters": {k: v for k, v in parameters.items() if k not in _UNDIGESTED_PARAMETERS}}
-    return "sha256:" + hashlib.sha256(json.dumps(claims, sort_keys=True).encode()).hexdigest()
+    return "sha256:" + sha256_bytes(json.dumps(claims, sort_keys=True).encode())
 
 
 def build_xmp(source_rel: str, source_sha256: str, params_key: str, references: list[dict], digest: str) -> bytes:
@@ -313,10 +312,10 @@ def is_review_image(out_dir: Path, path: Path) -> bool:
     return len(rel) == 3 and rel[:2] == REVIEW_IMAGES and _REVIEW_IMAGE_NAME.fullmatch(rel[2]) is not None
 
 
-def embedded_record_digest(output: Path) -> str:
-    """The record digest in an output's embedded XMP; empty where it has none (outputs written before
-    record digests)."""
-    xmp = read_embedded_xmp(output)
+def embedded_record_digest(data: bytes) -> str:
+    """The record digest in the embedded XMP of an output's bytes; empty where it has none (outputs written
+    before record digests)."""
+    xmp = find_xmp(data)
     try:
         return read_xmp_fields(xmp)["RecordDigest"] if xmp else ""
     except (ValueError, AttributeError):  # a packet we cannot parse says nothing
@@ -358,11 +357,12 @@ def verify(out_dir: Path, scans_dir: Path | None = None, home: Path | None = Non
         source = root / record.source.path
         with_sidecar.add(output.resolve())
         rel = record.output.path
-        if digest(output) is None:
+        data = output.read_bytes() if output.is_file() else None  # read once: hashed, and its XMP looked up
+        if data is None:
             report.missing_output.append(rel)
-        elif digest(output) != record.output.sha256:
+        elif sha256_bytes(data) != record.output.sha256:
             report.changed_output.append(rel)
-        elif record.output.xmp_embedded and embedded_record_digest(output) not in ("", record.record_digest):
+        elif record.output.xmp_embedded and embedded_record_digest(data) not in ("", record.record_digest):
             report.edited_record.append(rel)
         elif digest(source) is None:
             report.missing_source.append(rel)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import fcntl
-import hashlib
 import json
 import os
 import socket
@@ -482,7 +481,7 @@ class RunContext:
     @classmethod
     def create(cls, scans_dir: Path, out_dir: Path, options: RunOptions, models: Models) -> RunContext:
         def digest(record: dict) -> str:
-            return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+            return sha256_bytes(json.dumps(record, sort_keys=True).encode())
 
         run_key = digest({"models": models.hashes(), **options.ledger_parameters()})
         output_key = digest({"models": models.hashes(), "working_size": options.working_size, "format": options.format,
@@ -491,12 +490,12 @@ class RunContext:
         return cls(scans_dir, out_dir, options, models, run_key, output_key)
 
     def file_key(self, reference_identity: str) -> str:
-        return hashlib.sha256(f"{self.run_key}:{reference_identity}".encode()).hexdigest()
+        return sha256_bytes(f"{self.run_key}:{reference_identity}".encode())
 
     def content_key(self, reference_sha256s: list[str]) -> str:
         """The output's identity whatever chose its references: a mapping that names the references a
         catalogue run retrieved leaves that output up to date."""
-        return hashlib.sha256(f"{self.output_key}:{','.join(reference_sha256s)}".encode()).hexdigest()
+        return sha256_bytes(f"{self.output_key}:{','.join(reference_sha256s)}".encode())
 
 
 @dataclass
