@@ -7,6 +7,7 @@ to train on a machine that has neither the data nor a network (a rented GPU, say
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,8 +70,6 @@ def make_bundle(data_root: Path, out: Path, short_side: int = 224, quality: int 
 
 
 def _jpeg(im: Image.Image, quality: int) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     im.save(buffer, "JPEG", quality=quality, subsampling=0)
     return buffer.getvalue()

@@ -164,6 +164,7 @@ def _torchvision_file_name(backbone: str) -> str:
 
 
 def _torch_hub_file(backbone: str, allow_download: bool) -> Path | None:
+    pinned = external_weights()[backbone]
     name = _torchvision_file_name(backbone)
     hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
     if not (hub / name).exists():
@@ -175,13 +176,13 @@ def _torch_hub_file(backbone: str, allow_download: bool) -> Path | None:
             return None
         try:  # torch announces the download even when there is no network; a fallback follows, so keep quiet
             with contextlib.redirect_stdout(io.StringIO()):
-                torch.hub.load_state_dict_from_url(external_weights()[backbone]["url"], progress=False,
+                torch.hub.load_state_dict_from_url(pinned["url"], progress=False,
                                                    map_location="cpu", check_hash=True)
         except Exception:  # no network is the normal case here
             return None
         if not (hub / name).exists():
             return None
-    check_pinned(hub / name, external_weights()[backbone]["sha256"])
+    check_pinned(hub / name, pinned["sha256"])
     return hub / name
 
 
