@@ -15,21 +15,26 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import sqlite_utils
 from PIL import Image
 
-from archivecolor.color import is_near_gray, normalise_l
+from archivecolor.color import is_near_gray
 from archivecolor.errors import CatalogError, ImageReadError, failure_reason
 from archivecolor.imageio import file_walk, preview_jpeg, printable_path, read_image, to_upright
 from archivecolor.models.weights import sha256_file
-from archivecolor.upsample import resize_plane
+from archivecolor.pipeline import DEFAULT_WORKING_SIZE, working_l
 
 SCHEMA_VERSION = 1
-EMBED_SIZE = 224  # embeddings are taken on a centre square of this size
-DEFAULT_EMBEDDING = "gem"
+# Embeddings are GeM of conv5_3 over the whole picture at the default working size, so that a run's
+# own feature pass of a scan gives its query. Catalogues made before this recipe say "gem" (a centre
+# square at 224 px): their embeddings are not comparable and must be rebuilt.
+EMBEDDING = "gem-whole-256"
+EMBEDDING_OUTPUT = "embedding_gem"
+EMBED_SHORT_SIDE = DEFAULT_WORKING_SIZE
 THUMB_SIZE = 128
 _EXIF_DATE = (0x9003, 0x0132)  # DateTimeOriginal (Exif IFD), DateTime
 
@@ -60,6 +65,7 @@ class IndexReport:
     skipped_junk: int = 0
     skipped_non_image: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # catalogued photos whose files are gone (reembed)
     seconds: float = 0.0
 
     @property
@@ -85,12 +91,9 @@ def _migrate_1(db: sqlite_utils.Database) -> None:
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_1}
 
 
-def centre_square(lightness: np.ndarray, size: int = EMBED_SIZE) -> np.ndarray:
-    """L (H, W) → centre square resized to (size, size), as L/100 (1, 1, size, size)."""
-    h, w = lightness.shape
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    return normalise_l(resize_plane(lightness[top : top + s, left : left + s], size, size))[None, None]
+def embedding_input(upright: np.ndarray) -> np.ndarray:
+    """What the retrieval embedding is taken of: upright L (H, W) at the default working size, L/100."""
+    return working_l(upright, EMBED_SHORT_SIDE)
 
 
 
@@ -208,12 +211,12 @@ class Catalog:
             self.set_meta(backbone=backbone, features_sha256=features_sha256, embedding=embedding, precision=precision)
             return
         if stored != (backbone, features_sha256, embedding):
-            hint = ("index and run must use the same --precision; " if precision != self.precision else "")
+            hint = (f"run with --precision {self.precision}, or " if precision != self.precision else "")
             raise CatalogError(
                 f"{self.path}: built with {stored[0]} / {self.precision} features {str(stored[1])[:12]} / {stored[2]} "
                 f"embeddings, but this run uses {backbone} / {precision} features {features_sha256[:12]} / {embedding}; "
-                f"{hint}re-index into a new catalogue (--catalog NEW.sqlite) or rebuild this one with "
-                f"`archivecolor index --rebuild`"
+                f"{hint}re-embed it in place with `archivecolor catalog reembed --catalog {self.path} "
+                f"--precision {precision}` (collections and tags are kept)"
             )
 
     def count(self, colour_only: bool = False) -> int:
@@ -231,19 +234,67 @@ class Catalog:
         batch_size: int = 16,
         progress: Callable[[int, int, str], None] | None = None,
     ) -> IndexReport:
-        """Index the colour photos under ``ref_dir``. ``embed`` maps (B, 1, 224, 224) L/100 to (B, 512)."""
+        """Index the colour photos under ``ref_dir``. ``embed`` maps (B, 1, h, w) L/100 to (B, 512)."""
         started = time.perf_counter()
         report = IndexReport()
+        self._embed_photos(self.plan_folder(ref_dir, collection, tags, report, progress), embed, batch_size, report)
+        if prune:
+            report.pruned = self.prune()
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def reembed(self, embed: Callable[[np.ndarray], np.ndarray], backbone: str, features_sha256: str, precision: str,
+                batch_size: int = 16, progress: Callable[[int, int, str], None] | None = None) -> IndexReport:
+        """Embed every colour photo again with ``embed`` (after a change of features graph or embedding
+        recipe), in place: ids, collections and tags are kept. Photos whose files are gone lose their
+        embedding (so they are not retrieved) and are listed in ``report.missing``. Resumable: an
+        interrupted call leaves the photos still to do without an embedding, and the next call does them."""
+        started = time.perf_counter()
+        report = IndexReport()
+        current = (backbone, features_sha256, EMBEDDING, precision)
+        if (self.meta("backbone"), self.meta("features_sha256"), self.meta("embedding"), self.precision) != current:
+            with self.db.conn:
+                self.db.execute("update photos set embedding = null where is_colour = 1")
+                for key, value in zip(("backbone", "features_sha256", "embedding", "precision"), current):
+                    self.db["meta"].upsert({"key": key, "value": value}, pk="key")
+            self._matrix = None
+        todo = self.db.execute("select id, path from photos where is_colour = 1 and embedding is null "
+                               "order by id").fetchall()
+
+        def planned() -> Iterator[tuple[Path, dict]]:
+            for n, (row_id, stored) in enumerate(todo, 1):
+                if progress:
+                    progress(n, len(todo), stored)
+                path = Path(stored)
+                try:
+                    st = path.stat()
+                    digest = sha256_file(path)
+                except FileNotFoundError:
+                    report.missing.append(stored)
+                    continue
+                except OSError as exc:
+                    report.failed.append((stored, failure_reason(exc, stored)))
+                    continue
+                yield path, {"id": row_id, "path": stored, "sha256": digest, "size": st.st_size, "mtime": st.st_mtime,
+                             "indexed_at": datetime.now(UTC).isoformat()}
+
+        self._embed_photos(planned(), embed, batch_size, report)
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _embed_photos(self, planned: Iterator[tuple[Path, dict]], embed: Callable[[np.ndarray], np.ndarray],
+                      batch_size: int, report: IndexReport) -> None:
+        """Read each planned photo, embed the colour ones in batches, and save them (a commit per batch)."""
         pending: list[tuple[dict, np.ndarray]] = []
 
         def flush() -> None:
-            if not pending:
-                return
-            vectors = embed(np.concatenate([x for _, x in pending]))
-            self._save_embedded([(record, vec) for (record, _), vec in zip(pending, vectors)])
+            for shape in dict.fromkeys(x.shape for _, x in pending):  # photos of one shape share a batch
+                group = [(record, x) for record, x in pending if x.shape == shape]
+                vectors = embed(np.concatenate([x for _, x in group]))
+                self._save_embedded([(record, vec) for (record, _), vec in zip(group, vectors)])
             pending.clear()
 
-        for path, record in self.plan_folder(ref_dir, collection, tags, report, progress):
+        for path, record in planned:
             try:
                 fields, lightness = prepare_photo(path)
             except Exception as exc:  # one failure boundary per file
@@ -253,10 +304,6 @@ class Catalog:
             if len(pending) >= batch_size:
                 flush()
         flush()
-        if prune:
-            report.pruned = self.prune()
-        report.seconds = time.perf_counter() - started
-        return report
 
     def plan_folder(self, ref_dir: Path, collection: str | None, tags: list[str] | None, report: IndexReport,
                     progress: Callable[[int, int, str], None] | None = None) -> Iterator[tuple[Path, dict]]:
@@ -288,8 +335,9 @@ class Catalog:
         if resolved != os.fsencode(resolved).decode("utf-8", "replace"):
             raise ImageReadError(f"{printable_path(path)}: the file name is not valid UTF-8; rename the file to index it")
         st = path.stat()
-        row = self.db.execute("select id, size, mtime, sha256 from photos where path = ?", [resolved]).fetchone()
-        if row and row[1] == st.st_size and row[2] == st.st_mtime:
+        row = self.db.execute("select id, size, mtime, is_colour = 1 and embedding is null from photos where path = ?",
+                              [resolved]).fetchone()
+        if row and row[1] == st.st_size and row[2] == st.st_mtime and not row[3]:  # row[3]: a reembed still owes it
             report.unchanged += 1
             if collection is not None or tags:  # re-labelling without re-embedding
                 with self.db.conn:
@@ -448,12 +496,12 @@ class Catalog:
 
 def prepare_photo(path: Path) -> tuple[dict, np.ndarray | None]:
     """What indexing reads from a photo's pixels: size, date, thumbnail, whether it is colour, and for
-    a colour photo the retrieval input (``centre_square`` of its L; None for a gray one)."""
+    a colour photo the retrieval input (``embedding_input`` of its L; None for a gray one)."""
     scan = read_image(path)
     colour = scan.pixels.ndim == 3 and not is_near_gray(scan.pixels)
     fields = {"width": scan.width, "height": scan.height, "date_taken": _date_taken(scan.exif), "is_colour": int(colour),
               "thumbnail": preview_jpeg(to_upright(scan.pixels, scan.orientation), THUMB_SIZE, quality=80)}
-    return fields, centre_square(to_upright(scan.lightness(), scan.orientation)) if colour else None
+    return fields, embedding_input(to_upright(scan.lightness(), scan.orientation)) if colour else None
 
 
 def catalogue_precision(path: Path | None) -> str | None:
@@ -463,6 +511,11 @@ def catalogue_precision(path: Path | None) -> str | None:
         return None
     with Catalog.open(path) as cat:
         return cat.precision if cat.count() else None
+
+
+def embed_with(session, l_batch: np.ndarray) -> np.ndarray:
+    """Retrieval embeddings (B, 512), L2-normalised, of L/100 batches (B, 1, h, w) by a features-graph session."""
+    return session.run({"l": l_batch}, [EMBEDDING_OUTPUT])[0]
 
 
 def _features_session(provider: str, home: Path | None, precision: str = "fp32"):
@@ -509,7 +562,7 @@ def index_references(
         if rebuild:
             with cat.db.conn:
                 cat.db.execute("delete from photos")
-        cat.check_model(DEFAULT_BACKBONE, session.model.sha256, DEFAULT_EMBEDDING, precision)
+        cat.check_model(DEFAULT_BACKBONE, session.model.sha256, EMBEDDING, precision)
 
         if engine == "ray":
             from archivecolor.ray_engine import index_with_ray
@@ -518,11 +571,28 @@ def index_references(
                                   ray_address, workers, gpus_per_worker, precision)
         if engine != "local":
             raise UsageError(f"--engine {engine!r}: choose local or ray")
+        return cat.index(Path(ref_dir), partial(embed_with, session), collection, tags, prune, batch_size, progress)
 
-        def embed(batch: np.ndarray) -> np.ndarray:
-            return session.run({"l": batch}, [f"embedding_{DEFAULT_EMBEDDING}"])[0]
 
-        return cat.index(Path(ref_dir), embed, collection, tags, prune, batch_size, progress)
+def reembed_catalog(
+    catalog: Path | None = None,
+    provider: str = "auto",
+    home: Path | None = None,
+    precision: str = "auto",
+    batch_size: int = 16,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> IndexReport:
+    """Embed every colour photo of an existing catalogue again with the installed features graph and this
+    version's embedding recipe, keeping ids, collections and tags (see :meth:`Catalog.reembed`).
+    ``precision`` ``auto`` keeps the catalogue's."""
+    from archivecolor.models.registry import DEFAULT_BACKBONE
+    from archivecolor.models.session import resolve_precision
+
+    with Catalog.open(catalog) as cat:
+        precision = resolve_precision(precision, provider, home, cat.precision if cat.count() else None)
+        session = _features_session(provider, home, precision)
+        return cat.reembed(partial(embed_with, session), DEFAULT_BACKBONE, session.model.sha256, precision, batch_size,
+                           progress)
 
 
 def search_image(
@@ -543,11 +613,10 @@ def search_images(
 
     with Catalog.open(catalog) as cat:
         session = _features_session(provider, home, cat.precision)
-        cat.check_model(DEFAULT_BACKBONE, session.model.sha256, DEFAULT_EMBEDDING, cat.precision)
+        cat.check_model(DEFAULT_BACKBONE, session.model.sha256, EMBEDDING, cat.precision)
         results = []
         for image in images:
             scan = read_image(image)
-            query = session.run({"l": centre_square(to_upright(scan.lightness(), scan.orientation))},
-                                [f"embedding_{DEFAULT_EMBEDDING}"])[0]
+            query = embed_with(session, embedding_input(to_upright(scan.lightness(), scan.orientation)))
             results.append(cat.search(query, k, collection=collection, tag=tag, exclude_sha256={sha256_file(image)})[0])
         return results

@@ -164,15 +164,21 @@ def index(
                                                                              rate=Path(path).name[:30]),
                                   engine=engine, ray_address=ray_address, workers=workers,
                                   gpus_per_worker=gpus_per_worker, precision=precision)
+    _print_index(report, "index summary", (("added", report.added), ("updated", report.updated),
+                                            ("unchanged", report.unchanged), ("moved", report.moved),
+                                            ("pruned", report.pruned), ("refused: gray", report.refused_gray),
+                                            ("skipped: junk", report.skipped_junk),
+                                            ("skipped: not an image", report.skipped_non_image)),
+                 catalog or default_catalog_path())
+
+
+def _print_index(report, title: str, counts: tuple[tuple[str, int], ...], catalog: Path) -> None:
     rate = report.embedded / report.seconds if report.seconds else 0.0
-    table = Table("", "files", title="index summary")
-    for label, value in (("added", report.added), ("updated", report.updated), ("unchanged", report.unchanged),
-                         ("moved", report.moved), ("pruned", report.pruned), ("refused: gray", report.refused_gray),
-                         ("skipped: junk", report.skipped_junk), ("skipped: not an image", report.skipped_non_image),
-                         ("failed", len(report.failed))):
+    table = Table("", "files", title=title)
+    for label, value in (*counts, ("failed", len(report.failed))):
         table.add_row(label, str(value))
     console.print(table)
-    console.print(f"{rate:.1f} photos/s embedded; catalogue {catalog or default_catalog_path()}")
+    console.print(f"{rate:.1f} photos/s embedded; catalogue {catalog}")
     for _path, reason in report.failed:
         console.print(f"failed: {reason}", markup=False, highlight=False, soft_wrap=True)
 
@@ -243,6 +249,34 @@ def catalog_search(
                       end_section=False)
     table.columns[-1].overflow = "fold"  # full paths, folded rather than cut with an ellipsis
     console.print(table)
+
+
+@catalog_app.command("reembed")
+@errors_handled
+def catalog_reembed(
+    catalog: Path = CatalogOpt,
+    provider: str = ProviderOpt,
+    precision: str = PrecisionOpt,
+) -> None:
+    """Embed every colour photo of the catalogue again, in place, after a model or recipe change.
+
+    Ids, collections and tags are kept. Photos whose files are gone are listed; index their new folder
+    or remove them with `catalog rm`. Safe to interrupt: run it again to finish.
+
+    Example: archivecolor catalog reembed --catalog refs.sqlite
+    """
+    from archivecolor.catalog import default_catalog_path, reembed_catalog
+
+    with _progress() as bar:
+        task = bar.add_task("re-embedding", total=None, rate="")
+        report = reembed_catalog(catalog, provider, precision=precision,
+                                 progress=lambda n, total, path: bar.update(task, completed=n, total=total,
+                                                                            rate=Path(path).name[:30]))
+    _print_index(report, "re-embed summary", (("re-embedded", report.embedded), ("refused: gray", report.refused_gray),
+                                              ("missing", len(report.missing))), catalog or default_catalog_path())
+    for path in report.missing:
+        console.print(f"missing: {path} (not retrieved until indexed again; or `archivecolor catalog rm` it)",
+                      markup=False, highlight=False, soft_wrap=True)
 
 
 @catalog_app.command("rm")

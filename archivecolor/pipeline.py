@@ -24,6 +24,7 @@ from archivecolor.models.weights import sha256_file
 from archivecolor.upsample import box_mean, recombine, resize_plane, working_size
 
 DEFAULT_WORKING_SIZE = 256
+FEATURE_MAPS = ("f1", "f2", "f3", "f4", "f5")
 SEMANTIC_INPUTS = {"tf3": 2, "tf4": 3, "tf5": 4}  # U-Net input name -> index into the target's features
 
 
@@ -64,11 +65,29 @@ class Models:
         return self.features.run({"l": l_batch}, [f"embedding_{kind}"])[0]
 
     def features_of(self, l_batch: np.ndarray) -> list[np.ndarray]:
-        return self.features.run({"l": l_batch}, ["f1", "f2", "f3", "f4", "f5"])
+        return self.features.run({"l": l_batch}, list(FEATURE_MAPS))
+
+    def target_features(self, l_batch: np.ndarray) -> TargetFeatures:
+        """The matching features of targets and, from the same pass, their retrieval embeddings."""
+        *maps, embedding = self.features.run({"l": l_batch}, [*FEATURE_MAPS, "embedding_gem"])
+        return TargetFeatures(maps, embedding)
 
     def semantic_inputs(self) -> list[str]:
         """The target-feature inputs this U-Net reads as its semantic prior (none for a 13-channel-only U-Net)."""
         return [i.name for i in self.unet.session.get_inputs() if i.name in SEMANTIC_INPUTS]
+
+
+@dataclass
+class TargetFeatures:
+    """One VGG pass over a batch of targets: what the correspondence and U-Net read, and what retrieval reads."""
+
+    maps: list[np.ndarray]  # f1..f5, each (B, C, h/s, w/s)
+    embedding: np.ndarray  # (B, 512) GeM of conv5_3, L2-normalised
+
+    def select(self, rows: list[int]) -> TargetFeatures:
+        if rows == list(range(len(self.embedding))):
+            return self  # no copy of the whole batch's maps
+        return TargetFeatures([f[rows] for f in self.maps], self.embedding[rows])
 
 
 @dataclass
@@ -198,15 +217,16 @@ def fuse(candidates: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def predict(models: Models, l_batch: np.ndarray, references: list[list[Reference]],
-            times: StageTimes | None = None) -> list[Prediction]:
+            times: StageTimes | None = None, features: TargetFeatures | None = None) -> list[Prediction]:
     """Colorize a batch of same-size targets.
 
     l_batch: (B, 1, h, w) float32 L/100, h and w multiples of 16. references: for each target, one
-    or more prepared references (features filled). Returns one Prediction per target.
+    or more prepared references (features filled). ``features``: the targets' own VGG pass where it
+    was already run (for retrieval). Returns one Prediction per target.
     """
     times = times if times is not None else StageTimes()
     t0 = time.perf_counter()
-    feats = models.features_of(l_batch)
+    feats = (features or models.target_features(l_batch)).maps
     t1 = time.perf_counter()
     inputs, chosen, sims = [], [], []
     for i, refs in enumerate(references):
@@ -236,11 +256,15 @@ def predict(models: Models, l_batch: np.ndarray, references: list[list[Reference
     ]
 
 
-def target_l(scan: Scan, short_side: int) -> np.ndarray:
-    """The scan's upright L/100 at working size, (1, 1, h, w) float32."""
-    upright = to_upright(scan.lightness(), scan.orientation)
+def working_l(upright: np.ndarray, short_side: int) -> np.ndarray:
+    """Upright L (H, W) at working size: (1, 1, h, w) float32 L/100."""
     h, w = working_size(upright.shape[0], upright.shape[1], short_side)
     return normalise_l(resize_plane(upright, h, w))[None, None]
+
+
+def target_l(scan: Scan, short_side: int) -> np.ndarray:
+    """The scan's upright L/100 at working size, (1, 1, h, w) float32."""
+    return working_l(to_upright(scan.lightness(), scan.orientation), short_side)
 
 
 def render(scan: Scan, prediction: Prediction, lightness: np.ndarray | None = None) -> np.ndarray:

@@ -224,17 +224,16 @@ class IndexWorker:
     """A Ray actor that reads reference photos and embeds them; the driver writes the catalogue."""
 
     def __init__(self, provider: str, home: str | None, precision: str) -> None:
-        from archivecolor.catalog import DEFAULT_EMBEDDING, _features_session
+        from archivecolor.catalog import _features_session
 
         self.session = _features_session(provider, Path(home) if home else None, precision)
-        self.output = f"embedding_{DEFAULT_EMBEDDING}"
 
     def __call__(self, batch: dict) -> dict:
         import base64
 
         import numpy as np
 
-        from archivecolor.catalog import prepare_photo
+        from archivecolor.catalog import embed_with, prepare_photo
         from archivecolor.errors import failure_reason
         from archivecolor.imageio import printable_path
 
@@ -244,7 +243,7 @@ class IndexWorker:
             path = Path(task["path"])
             try:
                 fields, lightness = prepare_photo(path)
-                vector = None if lightness is None else self.session.run({"l": lightness}, [self.output])[0][0]
+                vector = None if lightness is None else embed_with(self.session, lightness)[0]
                 item = {"fields": {**fields, "thumbnail": base64.b64encode(fields["thumbnail"]).decode()},
                         "embedding": None if vector is None else np.asarray(vector, dtype=np.float32).tolist()}
             except Exception as exc:  # one failure boundary per file

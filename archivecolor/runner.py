@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import sqlite_utils
 
-from archivecolor.catalog import Catalog, catalogue_precision, centre_square
+from archivecolor.catalog import EMBED_SHORT_SIDE, EMBEDDING, Catalog, catalogue_precision, embedding_input
 from archivecolor.errors import (
     ArchivecolorError,
     CatalogError,
@@ -63,6 +63,7 @@ from archivecolor.pipeline import (
     Reference,
     ReferenceCache,
     StageTimes,
+    TargetFeatures,
     predict,
     read_colour_reference,
     render,
@@ -400,7 +401,7 @@ class ReferencePicker:
         if options.reference is None and options.mapping is None:
             self.catalog = Catalog.open(options.catalog)
             if models is not None:
-                self.catalog.check_model(models.backbone, models.features.model.sha256, "gem", models.precision)
+                self.catalog.check_model(models.backbone, models.features.model.sha256, EMBEDDING, models.precision)
             if self.catalog.count(colour_only=True) == 0:
                 raise CatalogError(f"{self.catalog.path}: the catalogue has no colour references; index some with "
                                    f"`archivecolor index REF_DIR`, or pass --reference")
@@ -441,8 +442,19 @@ class ReferencePicker:
             if rel not in self.mapping:
                 raise ArchivecolorError(f"{rel}: not listed in the mapping {self.options.mapping}; add a row for it")
             return [self._fixed(ref) for ref in self.mapping[rel]], []
-        assert self.catalog is not None and self.models is not None
-        query = self.models.embed(centre_square(to_upright(scan.lightness(), scan.orientation)))
+        assert self.models is not None
+        return self.retrieve(self.models.embed(embedding_input(to_upright(scan.lightness(), scan.orientation))),
+                             source_sha256)
+
+    @property
+    def from_target_pass(self) -> bool:
+        """Whether a scan's retrieval query comes from its own VGG pass at working size (the catalogue's
+        embedding recipe), rather than from a pass of its own."""
+        return self.catalog is not None and self.options.working_size == EMBED_SHORT_SIDE
+
+    def retrieve(self, query: np.ndarray, source_sha256: str) -> tuple[list[dict], list[dict]]:
+        """The catalogue's references for a query embedding (1, 512), never the scan itself, and its best candidates."""
+        assert self.catalog is not None
         matches = self.catalog.search(query, max(self.options.top_k, CANDIDATES), collection=self.options.collection,
                                       exclude_sha256={source_sha256})[0]
         candidates = [{"path": m.path, "sha256": m.sha256, "similarity": round(m.similarity, 4), "catalog_id": m.id}
@@ -507,7 +519,7 @@ class _Job:
     sha256: str
     file_key: str
     scan: Scan
-    references: list[dict]
+    references: list[dict] | None  # None: to be retrieved from the scan's own VGG pass (see retrieve_from_pass)
     l_work: np.ndarray
     started: str
     t0: float
@@ -668,12 +680,27 @@ def plan_file(ctx: RunContext, picker: ReferencePicker, source: Path, scan: Scan
             return FileResult(name, "failed", reason=f"{out_path}: exists and was not written by archivecolor; refusing "
                                                      f"to replace it (choose an empty --out, or move that file away)")
     t = time.perf_counter()
-    references, candidates = picker.pick(name, scan, sha)
+    if picker.from_target_pass and not options.dry_run:
+        references, candidates = None, []  # retrieved from the scan's own VGG pass when its batch runs
+    else:
+        references, candidates = picker.pick(name, scan, sha)
     retrieval_s = time.perf_counter() - t
     if options.dry_run:
         return FileResult(name, "planned", printable_path(output_rel), references=references, warnings=scan.warnings)
     return _Job(rel, source, output_rel, fmt, sha, file_key, scan, references, target_l(scan, options.working_size),
                 utc_now(), time.perf_counter(), 0.0, candidates, retrieval_s)
+
+
+def retrieve_from_pass(picker: ReferencePicker, job: _Job, features: TargetFeatures, row: int) -> float:
+    """Retrieve a waiting job's references with the embedding of its own VGG pass (``row`` of the batch's
+    ``features``); returns the seconds spent."""
+    if job.references is not None:
+        return 0.0
+    t = time.perf_counter()
+    job.references, job.candidates = picker.retrieve(features.embedding[row : row + 1], job.sha256)
+    spent = time.perf_counter() - t
+    job.retrieval_s += spent
+    return spent
 
 
 def record(ledger: Ledger, ctx: RunContext, source: Path, result: FileResult, file_key: str) -> None:
@@ -724,8 +751,12 @@ def colorize_file(ctx: RunContext, source: Path, references: list[dict] | None, 
                        target_l(scan, ctx.options.working_size), utc_now(), t0, decode_s)
             job.file_key = ctx.file_key("references:" + ",".join(r["sha256"] for r in references))
         job.file_key = file_key or job.file_key
+        features = ctx.models.target_features(job.l_work)
+        if picker is not None:
+            retrieve_from_pass(picker, job, features, 0)
+        assert job.references is not None
         loaded = [cache.load(Path(r["path"]), r["sha256"], ctx.options.working_size, r) for r in job.references]
-        prediction = predict(ctx.models, job.l_work, [loaded])[0]
+        prediction = predict(ctx.models, job.l_work, [loaded], features=features)[0]
         return write_outputs(ctx, job, prediction, loaded).result
     except MemoryError:
         return FileResult(printable_path(rel), "failed", reason=f"{source}: out of memory; lower --working-size")
@@ -856,41 +887,56 @@ class _Batches:
     # --- batching -------------------------------------------------------------------------------
     def run_bucket(self, key: tuple[int, int], pool: ThreadPoolExecutor) -> None:
         jobs = self.buckets.pop(key, [])
-        if not jobs:
+        if jobs:
+            self._run_jobs(jobs, pool)
+
+    def _run_jobs(self, jobs: list[_Job], pool: ThreadPoolExecutor) -> None:
+        """One VGG pass over same-size jobs, retrieval from it, the references, the networks, and the
+        writes handed to ``pool``."""
+        l_batch = np.concatenate([j.l_work for j in jobs])
+        try:
+            t = time.perf_counter()
+            features = self.ctx.models.target_features(l_batch)
+            self.times.features += time.perf_counter() - t
+        except Exception as exc:
+            self._networks_failed(jobs, exc, pool)
             return
-        size = self.options.working_size
-        usable, loaded = [], []
-        for job in jobs:
+        usable, rows, loaded = [], [], []
+        for row, job in enumerate(jobs):
             try:
-                loaded.append([self.cache.load(Path(r["path"]), r["sha256"], size, r) for r in job.references])
-                usable.append(job)
+                self.extra["retrieval"] += retrieve_from_pass(self.picker, job, features, row)
+                assert job.references is not None
+            except Exception as exc:  # one failure boundary per file
+                self.fail(job.name, failure_reason(exc, printable_path(job.source)), source_sha256=job.sha256)
+                continue
+            try:
+                loaded.append([self.cache.load(Path(r["path"]), r["sha256"], self.options.working_size, r)
+                               for r in job.references])
             except Exception as exc:  # one failure boundary per file
                 self.fail(job.name, f"reference unusable: {failure_reason(exc)}", source_sha256=job.sha256)
+                continue
+            usable.append(job)
+            rows.append(row)
         if not usable:
             return
         try:
-            predictions = predict(self.ctx.models, np.concatenate([j.l_work for j in usable]), loaded, self.times)
+            predictions = predict(self.ctx.models, l_batch[rows], loaded, self.times, features.select(rows))
         except Exception as exc:
-            if len(usable) > 1:  # find the file that the networks cannot take; the others go on
-                for job, refs in zip(usable, loaded):
-                    self._predict_one(job, refs, pool)
-                return
-            self.fail(usable[0].name, f"{usable[0].source}: the networks failed on it ({failure_reason(exc)})",
-                      source_sha256=usable[0].sha256)
+            self._networks_failed(usable, exc, pool)
             return
         for job, prediction, refs in zip(usable, predictions, loaded):
             self.writes.append((job, pool.submit(write_outputs, self.ctx, job, prediction, refs)))
 
-    def _predict_one(self, job: _Job, refs: list[Reference], pool: ThreadPoolExecutor) -> None:
-        try:
-            prediction = predict(self.ctx.models, job.l_work, [refs], self.times)[0]
-        except MemoryError:
-            self.fail(job.name, f"{job.source}: out of memory in the networks; lower --working-size", source_sha256=job.sha256)
+    def _networks_failed(self, jobs: list[_Job], exc: Exception, pool: ThreadPoolExecutor) -> None:
+        """A batch the networks could not take is tried again a file at a time, so only the culprit fails."""
+        if len(jobs) > 1:
+            for job in jobs:
+                self._run_jobs([job], pool)
             return
-        except Exception as exc:
-            self.fail(job.name, f"{job.source}: the networks failed on it ({failure_reason(exc)})", source_sha256=job.sha256)
-            return
-        self.writes.append((job, pool.submit(write_outputs, self.ctx, job, prediction, refs)))
+        job = jobs[0]
+        reason = ("out of memory in the networks; lower --working-size" if isinstance(exc, MemoryError)
+                  else f"the networks failed on it ({failure_reason(exc)})")
+        self.fail(job.name, f"{job.source}: {reason}", source_sha256=job.sha256)
 
     # --- writing --------------------------------------------------------------------------------
     def collect(self, block: bool) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from archivecolor.catalog import Catalog, index_references, search_image
+from archivecolor.catalog import EMBEDDING, Catalog, index_references, search_image
 from archivecolor.errors import CatalogError
 from tests.conftest import colour_photos, data_dir, gray_of
 
@@ -52,7 +52,7 @@ def test_index_is_incremental_and_finds_moves(refs, tmp_path, models_home):
         assert len(rows) == 6 and sum(r["is_colour"] for r in rows) == 5
         assert any(r["path"].endswith("moved.jpg") for r in rows)
         stats = cat.stats()
-        assert stats["backbone"] == "vgg16" and stats["embedding"] == "gem" and stats["schema_version"] == 1
+        assert stats["backbone"] == "vgg16" and stats["embedding"] == EMBEDDING and stats["schema_version"] == 1
         assert cat.db.execute("pragma journal_mode").fetchone()[0] == "wal"
 
 
@@ -102,8 +102,76 @@ def test_mixing_backbones_is_refused(tmp_path, refs, models_home):
     index_references(refs, db, home=models_home)
     with Catalog.open(db) as cat:
         cat.set_meta(backbone="vgg19")
-    with pytest.raises(CatalogError, match="re-index"):
+    with pytest.raises(CatalogError, match="catalog reembed"):
         index_references(refs, db, home=models_home)
+
+
+def _embeddings(db: Path) -> dict[str, np.ndarray]:
+    with Catalog.open(db) as cat:
+        rows = cat.db.execute("select path, embedding from photos where embedding is not null").fetchall()
+    return {path: np.frombuffer(blob, dtype=np.float32) for path, blob in rows}
+
+
+def test_old_embeddings_are_refused_and_reembedded_in_place(refs, tmp_path, models_home):
+    """A catalogue of an earlier embedding recipe is refused with the command that fixes it; `catalog reembed`
+    gives it the vectors a fresh index would, keeps ids, collections and tags, and lists photos that are gone."""
+    from typer.testing import CliRunner
+
+    from archivecolor.cli import app
+
+    fresh = tmp_path / "fresh.sqlite"
+    index_references(refs, fresh, home=models_home)
+    db = tmp_path / "old.sqlite"
+    index_references(refs, db, collection="kodak", tags=["1910"], home=models_home)
+    rng = np.random.default_rng(0)
+    with Catalog.open(db) as cat:  # what an earlier version's catalogue holds: other vectors under another name
+        for (row_id,) in cat.db.execute("select id from photos where is_colour = 1").fetchall():
+            vector = rng.normal(size=512).astype(np.float32)
+            cat.db["photos"].update(row_id, {"embedding": (vector / np.linalg.norm(vector)).tobytes()})
+        cat.set_meta(embedding="gem")
+        labels = {r["path"]: (r["id"], r["collection"], r["tags"]) for r in cat.rows()}
+    with pytest.raises(CatalogError, match=f"catalog reembed --catalog {db}"):
+        search_image(refs / "photo0.jpg", db, home=models_home)
+
+    gone = refs / "sub" / "photo3.jpg"
+    gone.unlink()
+    result = CliRunner().invoke(app, ["catalog", "reembed", "--catalog", str(db)])
+    assert result.exit_code == 0, result.output
+    assert "missing: " + str(gone.resolve()) in " ".join(result.output.split())
+    with Catalog.open(db) as cat:
+        assert cat.meta("embedding") == EMBEDDING
+        assert {r["path"]: (r["id"], r["collection"], r["tags"]) for r in cat.rows()} == labels
+    now, expected = _embeddings(db), _embeddings(fresh)
+    assert set(now) == set(expected) - {str(gone.resolve())}  # the missing photo is no longer retrieved
+    for path, vector in now.items():
+        np.testing.assert_allclose(vector, expected[path], atol=1e-5)
+    matches = search_image(refs / "photo0.jpg", db, k=3, home=models_home)
+    assert [m.path for m in matches] == [m.path for m in search_image(refs / "photo0.jpg", fresh, k=3, home=models_home)
+                                        if m.path != str(gone.resolve())][:3]
+
+    Image.fromarray(colour_photos(4, (192, 128))[3]).save(gone, quality=92)  # put back: indexing embeds it again
+    again = index_references(refs, db, home=models_home)
+    assert again.updated == 1 and len(_embeddings(db)) == len(expected)
+
+
+def test_interrupted_reembed_finishes_on_the_next_call(refs, tmp_path, models_home):
+    from archivecolor.catalog import reembed_catalog
+
+    db = tmp_path / "cat.sqlite"
+    index_references(refs, db, home=models_home)
+    with Catalog.open(db) as cat:
+        cat.set_meta(embedding="gem")
+
+    def stop_after_three(n, total, path):
+        if n > 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        reembed_catalog(db, home=models_home, batch_size=2, progress=stop_after_three)
+    done = len(_embeddings(db))
+    assert 2 <= done < 6
+    rest = reembed_catalog(db, home=models_home)
+    assert rest.embedded == 6 - done and len(_embeddings(db)) == 6
 
 
 def test_index_while_another_process_reads(tmp_path, refs, models_home):

@@ -253,3 +253,25 @@ def test_the_stage_report_adds_up_to_the_wall_time(tmp_path, models_home):
     assert sum(stages[k] for k in STAGES) + stages["other"] == pytest.approx(stages["wall"], abs=0.01)
     assert 0 <= stages["other"] < 0.5 * stages["wall"]
     assert stages["decode"] > 0 and stages["recombine_encode"] > 0  # thread seconds, reported beside the sum
+
+
+def test_retrieval_from_the_scans_own_pass_is_what_catalog_search_finds(scans, tmp_path, models_home):
+    """A run retrieves with the embedding of each scan's own VGG pass; at another working size it takes a
+    pass at the catalogue's size. Either way a scan gets the references `catalog search` lists for it."""
+    from archivecolor.catalog import search_images
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i, photo in enumerate(colour_photos(12, (192, 128))[4:]):
+        Image.fromarray(photo).save(refs / f"r{i}.jpg", quality=92)
+    db = tmp_path / "cat.sqlite"
+    index_references(refs, db, home=models_home)
+    for size in (256, 192):
+        report = colorize_folder(scans, RunOptions(out=tmp_path / f"out{size}", catalog=db, top_k=2, working_size=size))
+        done = [r for r in report.results if r.status == "done"]
+        assert len(done) == 5
+        found = search_images([scans / r.source for r in done], db, k=2, home=models_home)
+        for result, expected in zip(done, found):
+            assert [r["path"] for r in result.references] == [m.path for m in expected], (size, result.source)
+            np.testing.assert_allclose([r["similarity"] for r in result.references],
+                                       [m.similarity for m in expected], atol=2e-3)

@@ -16,7 +16,7 @@ from archivecolor.bench.baselines import global_transfer
 from archivecolor.bench.metrics import LPIPS, METRICS, colorfulness, mse01, psnr, ssim
 from archivecolor.bench.report import lab_rgb, markdown, write_figures
 from archivecolor.bench.stats import mean_ci, paired_test
-from archivecolor.catalog import Catalog, catalogue_precision, centre_square, index_references
+from archivecolor.catalog import EMBEDDING, Catalog, catalogue_precision, embedding_input, index_references
 from archivecolor.color import normalise_l, rgb_to_lab, to_uint8
 from archivecolor.errors import UsageError
 from archivecolor.imageio import file_walk_images, read_image, to_upright
@@ -109,7 +109,7 @@ def run_bench(
     models = Models.open(options.provider, options.home, precision=precision, unet_path=options.model_path)
     cache = ReferenceCache(models)
     catalog = Catalog.open(catalog_path)
-    catalog.check_model(models.backbone, models.features.model.sha256, "gem", models.precision)
+    catalog.check_model(models.backbone, models.features.model.sha256, EMBEDDING, models.precision)
     lpips_metric = LPIPS(options.lpips_net, download_dir=downloads_dir(options.home))
     times = StageTimes()
     stage = {"decode": 0.0, "recombine": 0.0}
@@ -123,7 +123,7 @@ def run_bench(
         stage["decode"] += time.perf_counter() - t
         h, w = fit_working_size(*sample.l.shape, side)
         l01 = normalise_l(resize_plane(sample.l, h, w))[None, None]
-        query = models.embed(centre_square(sample.l))
+        query = models.embed(embedding_input(sample.l))  # what `run` would retrieve for this photo
         matches = catalog.search(query, k_needed, exclude_sha256={sample.sha256})[0]
         refs = [cache.load(Path(m.path), m.sha256, side) for m in matches]
         sample.reference = matches[0].path
