@@ -32,6 +32,7 @@ FRAME_TAPER_FRACTION = 0.05
 GUIDE_RADIUS = 2  # in working-size pixels
 GUIDE_EPS = 1e-3  # on L/100; larger is smoother, towards plain bilinear
 STRIP_ROWS = 512  # rows recombined at a time, bounding memory on huge scans
+SMALL_BOX_RADIUS = 3
 
 
 MAX_ASPECT = 6  # the long side of the working size is at most this many short sides
@@ -60,6 +61,15 @@ def box_mean(x: np.ndarray, r: int) -> np.ndarray:
     """Mean over a (2r+1)² window for each of (H, W, ...) with windows clipped at the borders."""
     def along(a: np.ndarray, axis: int) -> np.ndarray:
         n = a.shape[axis]
+        if r <= SMALL_BOX_RADIUS:  # a few shifted adds beat a float64 running sum
+            a = np.moveaxis(a, axis, 0)
+            total = np.array(a, dtype=np.float32)
+            for d in range(1, min(r, n - 1) + 1):
+                total[d:] += a[:-d]
+                total[:-d] += a[d:]
+            idx = np.arange(n)
+            count = (np.minimum(idx + r, n - 1) - np.maximum(idx - r, 0) + 1).astype(np.float32)
+            return np.moveaxis(total / count.reshape((n,) + (1,) * (a.ndim - 1)), 0, axis)
         c = np.cumsum(a, axis=axis, dtype=np.float64)
         c = np.concatenate([np.zeros_like(np.take(c, [0], axis=axis)), c], axis=axis)
         idx = np.arange(n)
@@ -158,22 +168,28 @@ def frame_mask(l_low: np.ndarray) -> np.ndarray:
 def _ramp(inside: np.ndarray, depth: int) -> np.ndarray:
     """0 on the border of ``inside`` (h, w bool), beyond which is outside, rising about linearly to 1 at
     ``depth`` pixels in."""
-    padded = np.pad(inside.astype(np.float32), depth)
-    share = box_mean(padded[..., None], depth)[..., 0][depth:-depth, depth:-depth]
+    if inside.all():  # the window's share of a rectangle is the product of its shares along each side
+        rows, cols = (box_mean(np.pad(np.ones(n, np.float32), depth)[:, None, None], depth)[depth:-depth, 0, 0]
+                      for n in inside.shape)
+        share = rows[:, None] * cols[None, :]
+    else:
+        padded = np.pad(inside.astype(np.float32), depth)
+        share = box_mean(padded[..., None], depth)[..., 0][depth:-depth, depth:-depth]
     return np.clip(2.0 * share - 1.0, 0.0, 1.0)
 
 
 def _distance_along_lines(outside: np.ndarray) -> np.ndarray:
     """Per pixel, the distance to the nearest ``outside`` pixel in the same row or column (inf if none):
     exact for frames, which are bands along the sides."""
-    def along_rows(mask: np.ndarray) -> np.ndarray:
-        n = mask.shape[1]
-        idx = np.arange(n, dtype=np.float32)[None, :]
-        before = np.maximum.accumulate(np.where(mask, idx, -np.inf), axis=1)
-        after = np.minimum.accumulate(np.where(mask, idx, np.inf)[:, ::-1], axis=1)[:, ::-1]
+    def along(mask: np.ndarray, axis: int) -> np.ndarray:
+        shape = [1, 1]
+        shape[axis] = mask.shape[axis]
+        idx = np.arange(mask.shape[axis], dtype=np.float32).reshape(shape)
+        before = np.maximum.accumulate(np.where(mask, idx, -np.inf), axis=axis)
+        after = np.flip(np.minimum.accumulate(np.flip(np.where(mask, idx, np.inf), axis), axis=axis), axis)
         return np.minimum(idx - before, after - idx)
 
-    return np.minimum(along_rows(outside), along_rows(outside.T).T)
+    return np.minimum(along(outside, 1), along(outside, 0))
 
 
 def fade_in_from_edges(keep: np.ndarray) -> np.ndarray:
