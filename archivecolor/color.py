@@ -60,7 +60,7 @@ def linear_to_xyz(lin: np.ndarray) -> np.ndarray:
 
 
 def xyz_to_linear(xyz: np.ndarray) -> np.ndarray:
-    return (xyz @ XYZ_TO_RGB.T.astype(np.float32)).astype(np.float32)
+    return (xyz @ XYZ_TO_RGB.T.astype(np.float32)).astype(np.float32, copy=False)
 
 
 def _f(t: np.ndarray) -> np.ndarray:
@@ -68,7 +68,7 @@ def _f(t: np.ndarray) -> np.ndarray:
 
 
 def _f_inv(t: np.ndarray) -> np.ndarray:
-    return np.where(t > DELTA, t**3, 3 * DELTA**2 * (t - 4.0 / 29.0)).astype(np.float32)
+    return np.where(t > DELTA, t * t * t, 3 * DELTA**2 * (t - 4.0 / 29.0)).astype(np.float32)
 
 
 def xyz_to_lab(xyz: np.ndarray) -> np.ndarray:
@@ -82,9 +82,13 @@ def xyz_to_lab(xyz: np.ndarray) -> np.ndarray:
 
 def lab_to_xyz(lab: np.ndarray) -> np.ndarray:
     lab = np.asarray(lab, dtype=np.float32)
-    fy = (lab[..., 0] + 16.0) / 116.0
-    f = np.stack([fy + lab[..., 1] / 500.0, fy, fy - lab[..., 2] / 200.0], axis=-1)
-    return (_f_inv(f) * WHITE_D65.astype(np.float32)).astype(np.float32)
+    f = np.empty_like(lab)
+    np.divide(lab[..., 0] + 16.0, 116.0, out=f[..., 1])
+    np.add(f[..., 1], lab[..., 1] / 500.0, out=f[..., 0])
+    np.subtract(f[..., 1], lab[..., 2] / 200.0, out=f[..., 2])
+    xyz = _f_inv(f)
+    xyz *= WHITE_D65.astype(np.float32)
+    return xyz
 
 
 def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
@@ -129,7 +133,8 @@ def lab_to_rgb_keep_l(lab: np.ndarray, steps: int = 12) -> np.ndarray:
     """
     lab = np.asarray(lab, dtype=np.float32)
     rgb = lab_to_rgb_unclipped(lab)
-    outside = np.any((rgb < -GAMUT_TOLERANCE) | (rgb > 1 + GAMUT_TOLERANCE), axis=-1)
+    beyond = (rgb < -GAMUT_TOLERANCE) | (rgb > 1 + GAMUT_TOLERANCE)
+    outside = beyond[..., 0] | beyond[..., 1] | beyond[..., 2]  # elementwise: a reduction over 3 is slow
     if np.any(outside):
         sub = lab[outside]
         white = WHITE_D65.astype(np.float32)

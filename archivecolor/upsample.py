@@ -31,7 +31,7 @@ EDGE_TAPER_FRACTION = 0.015
 FRAME_TAPER_FRACTION = 0.05
 GUIDE_RADIUS = 2  # in working-size pixels
 GUIDE_EPS = 1e-3  # on L/100; larger is smoother, towards plain bilinear
-STRIP_ROWS = 512  # rows recombined at a time, bounding memory on huge scans
+STRIP_ROWS = 256  # rows recombined at a time, bounding memory on huge scans
 SMALL_BOX_RADIUS = 3
 
 
