@@ -26,14 +26,13 @@ from archivecolor.color import is_near_gray
 from archivecolor.errors import CatalogError, ImageReadError, failure_reason
 from archivecolor.imageio import file_walk, preview_jpeg, printable_path, read_image, to_upright
 from archivecolor.models.weights import sha256_file
-from archivecolor.pipeline import DEFAULT_WORKING_SIZE, working_l
+from archivecolor.pipeline import DEFAULT_WORKING_SIZE, EMBEDDING_OUTPUT, working_l
 
 SCHEMA_VERSION = 1
 # Embeddings are GeM of conv5_3 over the whole picture at the default working size, so that a run's
 # own feature pass of a scan gives its query. Catalogues made before this recipe say "gem" (a centre
-# square at 224 px): their embeddings are not comparable and must be rebuilt.
+# square at 224 px): their embeddings are not comparable (`catalog reembed` renews them).
 EMBEDDING = "gem-whole-256"
-EMBEDDING_OUTPUT = "embedding_gem"
 EMBED_SHORT_SIDE = DEFAULT_WORKING_SIZE
 THUMB_SIZE = 128
 _EXIF_DATE = (0x9003, 0x0132)  # DateTimeOriginal (Exif IFD), DateTime

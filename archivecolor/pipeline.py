@@ -25,6 +25,7 @@ from archivecolor.upsample import box_mean, recombine, resize_plane, working_siz
 
 DEFAULT_WORKING_SIZE = 256
 FEATURE_MAPS = ("f1", "f2", "f3", "f4", "f5")
+EMBEDDING_OUTPUT = "embedding_gem"  # the retrieval embedding; the graph's other, embedding_avg, is the seed's
 SEMANTIC_INPUTS = {"tf3": 2, "tf4": 3, "tf5": 4}  # U-Net input name -> index into the target's features
 
 
@@ -60,16 +61,16 @@ class Models:
     def hashes(self) -> dict[str, str]:
         return {s.name: s.model.sha256 for s in (self.features, self.correspondence, self.unet)}
 
-    def embed(self, l_batch: np.ndarray, kind: str = "gem") -> np.ndarray:
+    def embed(self, l_batch: np.ndarray) -> np.ndarray:
         """Retrieval embeddings (B, 512), L2-normalised, of L/100 batches (B, 1, h, w)."""
-        return self.features.run({"l": l_batch}, [f"embedding_{kind}"])[0]
+        return self.features.run({"l": l_batch}, [EMBEDDING_OUTPUT])[0]
 
     def features_of(self, l_batch: np.ndarray) -> list[np.ndarray]:
         return self.features.run({"l": l_batch}, list(FEATURE_MAPS))
 
     def target_features(self, l_batch: np.ndarray) -> TargetFeatures:
         """The matching features of targets and, from the same pass, their retrieval embeddings."""
-        *maps, embedding = self.features.run({"l": l_batch}, [*FEATURE_MAPS, "embedding_gem"])
+        *maps, embedding = self.features.run({"l": l_batch}, [*FEATURE_MAPS, EMBEDDING_OUTPUT])
         return TargetFeatures(maps, embedding)
 
     def semantic_inputs(self) -> list[str]:
