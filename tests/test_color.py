@@ -100,3 +100,14 @@ def test_one_16_to_8_bit_conversion_rounds_to_the_nearest_level():
     assert np.abs(y.astype(np.float64) - x / 257.0).max() <= 0.5 + 1e-9
     assert np.all(np.diff(y.astype(np.int64)) >= 0)
     assert to_uint8(np.array([7], np.uint8))[0] == 7
+
+
+def test_integer_gray_is_looked_up_with_the_same_values_as_computed():
+    """uint8 and uint16 gray go through a table of every level; it must give exactly the computed L."""
+    rng = np.random.default_rng(5)
+    for dtype in (np.uint8, np.uint16):
+        scan = rng.integers(0, np.iinfo(dtype).max + 1, (37, 53), dtype=dtype)
+        scan[0, :2] = (0, np.iinfo(dtype).max)
+        looked_up = color.gray_to_l(scan)
+        assert looked_up.dtype == np.float32 and looked_up.shape == scan.shape
+        np.testing.assert_array_equal(looked_up, color.gray_to_l(color.to_unit_float(scan)))
