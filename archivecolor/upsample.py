@@ -31,7 +31,9 @@ EDGE_TAPER_FRACTION = 0.015
 FRAME_TAPER_FRACTION = 0.05
 GUIDE_RADIUS = 2  # in working-size pixels
 GUIDE_EPS = 1e-3  # on L/100; larger is smoother, towards plain bilinear
-STRIP_ROWS = 256  # rows recombined at a time, bounding memory on huge scans
+# Pixels recombined at a time (256 rows of a 1536 px scan), bounding memory on huge scans; a strip's
+# temporaries stay small enough for the allocator to reuse them rather than grow the heap.
+STRIP_PIXELS = 256 * 1536
 SMALL_BOX_RADIUS = 3
 
 
@@ -231,8 +233,9 @@ def recombine(
         keep = fade_in_from_edges(1.0 - frame_mask(detect))[..., None]
     top = np.iinfo(dtype).max
     out = np.empty((height, width, 3), dtype=dtype)
-    for y0 in range(0, height, STRIP_ROWS):
-        y1 = min(height, y0 + STRIP_ROWS)
+    rows = max(1, STRIP_PIXELS // width)
+    for y0 in range(0, height, rows):
+        y1 = min(height, y0 + rows)
         l_strip = lightness[y0:y1]
         up = bilinear_rows(low, height, width, y0, y1)
         ab = up[..., 0:2] * (l_strip[..., None] / 100.0) + up[..., 2:4] if edge_aware else up

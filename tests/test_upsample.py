@@ -56,7 +56,7 @@ def test_strips_join_seamlessly(monkeypatch):
     ab = np.random.default_rng(1).normal(0, 30, (32, 48, 2)).astype(np.float32)
     l_low = resize_plane(lightness, 32, 48)
     whole = recombine(lightness, ab, l_low)
-    monkeypatch.setattr(upsample, "STRIP_ROWS", 37)
+    monkeypatch.setattr(upsample, "STRIP_PIXELS", 37 * lightness.shape[1])
     assert np.array_equal(recombine(lightness, ab, l_low), whole)
 
 
