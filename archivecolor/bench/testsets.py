@@ -16,17 +16,24 @@ from archivecolor.bench.baselines import global_transfer
 from archivecolor.bench.metrics import LPIPS, METRICS, colorfulness, mse01, psnr, ssim
 from archivecolor.bench.report import lab_rgb, markdown, write_figures
 from archivecolor.bench.stats import mean_ci, paired_test
-from archivecolor.catalog import EMBEDDING, Catalog, catalogue_precision, embedding_input, index_references
-from archivecolor.color import normalise_l, rgb_to_lab, to_uint8
+from archivecolor.catalog import EMBED_SHORT_SIDE, EMBEDDING, Catalog, catalogue_precision, embedding_input, index_references
+from archivecolor.color import rgb_to_lab, to_uint8
 from archivecolor.errors import UsageError
 from archivecolor.imageio import file_walk_images, read_image, to_upright
 from archivecolor.models.layout import WARPED_AB
 from archivecolor.models.session import INT8_SUFFIX, resolve_precision
 from archivecolor.models.store import downloads_dir, model_dir
 from archivecolor.models.weights import sha256_file
-from archivecolor.pipeline import DEFAULT_WORKING_SIZE, Models, Prediction, ReferenceCache, StageTimes, predict
+from archivecolor.pipeline import (
+    DEFAULT_WORKING_SIZE,
+    Models,
+    Prediction,
+    ReferenceCache,
+    StageTimes,
+    predict,
+    working_l,
+)
 from archivecolor.upsample import recombine, resize_plane
-from archivecolor.upsample import working_size as fit_working_size
 
 METHODS = ("gray", "global", "warp-only", "exemplar", "top-k")
 TOP_K = 3
@@ -117,13 +124,20 @@ def run_bench(
     started = time.perf_counter()
     k_needed = TOP_K if "top-k" in options.methods else 1
     side = options.size or DEFAULT_WORKING_SIZE  # --native: the run path's working size, recombined at full size
+    networks = bool({"exemplar", "warp-only", "top-k"} & set(options.methods))
     for n, (path, group) in enumerate(items, 1):
         t = time.perf_counter()
         sample = _load_sample(path, group, options.size)
         stage["decode"] += time.perf_counter() - t
-        h, w = fit_working_size(*sample.l.shape, side)
-        l01 = normalise_l(resize_plane(sample.l, h, w))[None, None]
-        query = models.embed(embedding_input(sample.l))  # what `run` would retrieve for this photo
+        l01 = working_l(sample.l, side)
+        features = None
+        if networks:  # one VGG pass for every prediction of this photo, and at the catalogue's size its query
+            t = time.perf_counter()
+            features = models.target_features(l01)
+            times.features += time.perf_counter() - t
+        # the query `run` would make for this photo
+        query = (features.embedding if features is not None and side == EMBED_SHORT_SIDE
+                 else models.embed(embedding_input(sample.l)))
         matches = catalog.search(query, k_needed, exclude_sha256={sample.sha256})[0]
         refs = [cache.load(Path(m.path), m.sha256, side) for m in matches]
         sample.reference = matches[0].path
@@ -134,7 +148,7 @@ def run_bench(
             ref_lab = np.dstack([refs[0].l[0, 0] * 100, refs[0].ab[0].transpose(1, 2, 0) * 128])
             sample.outputs["global"] = lab_rgb(sample.l, global_transfer(sample.l, ref_lab))
         if {"exemplar", "warp-only"} & set(options.methods):
-            pred = predict(models, l01, [refs[:1]], times)[0]
+            pred = predict(models, l01, [refs[:1]], times, features)[0]
             sample.prediction = pred
             t = time.perf_counter()
             sample.outputs["exemplar"] = recombine(sample.l, pred.ab, pred.l)
@@ -145,7 +159,7 @@ def run_bench(
                     warp_ab = np.dstack([resize_plane(warp_ab[..., c], h, w) for c in range(2)])
                 sample.outputs["warp-only"] = lab_rgb(sample.l, warp_ab)
         if "top-k" in options.methods and len(refs) > 1:
-            pred = predict(models, l01, [refs], times)[0]
+            pred = predict(models, l01, [refs], times, features)[0]
             sample.outputs["top-k"] = recombine(sample.l, pred.ab, pred.l)
         for m in list(sample.outputs):
             if m not in options.methods:
