@@ -26,7 +26,7 @@ from archivecolor.color import is_near_gray
 from archivecolor.errors import CatalogError, ImageReadError, failure_reason
 from archivecolor.imageio import file_walk, preview_jpeg, printable_path, read_image, to_upright
 from archivecolor.models.weights import sha256_file
-from archivecolor.pipeline import DEFAULT_WORKING_SIZE, EMBEDDING_OUTPUT, working_l
+from archivecolor.pipeline import DEFAULT_WORKING_SIZE, EMBEDDING_OUTPUT, target_l, working_l
 
 SCHEMA_VERSION = 1
 # Embeddings are GeM of conv5_3 over the whole picture at the default working size, so that a run's
@@ -495,12 +495,12 @@ class Catalog:
 
 def prepare_photo(path: Path) -> tuple[dict, np.ndarray | None]:
     """What indexing reads from a photo's pixels: size, date, thumbnail, whether it is colour, and for
-    a colour photo the retrieval input (``embedding_input`` of its L; None for a gray one)."""
+    a colour photo the retrieval input (its L at ``EMBED_SHORT_SIDE``; None for a gray one)."""
     scan = read_image(path)
     colour = scan.pixels.ndim == 3 and not is_near_gray(scan.pixels)
     fields = {"width": scan.width, "height": scan.height, "date_taken": _date_taken(scan.exif), "is_colour": int(colour),
               "thumbnail": preview_jpeg(to_upright(scan.pixels, scan.orientation), THUMB_SIZE, quality=80)}
-    return fields, embedding_input(to_upright(scan.lightness(), scan.orientation)) if colour else None
+    return fields, target_l(scan, EMBED_SHORT_SIDE) if colour else None
 
 
 def catalogue_precision(path: Path | None) -> str | None:
@@ -616,6 +616,6 @@ def search_images(
         results = []
         for image in images:
             scan = read_image(image)
-            query = embed_with(session, embedding_input(to_upright(scan.lightness(), scan.orientation)))
+            query = embed_with(session, target_l(scan, EMBED_SHORT_SIDE))
             results.append(cat.search(query, k, collection=collection, tag=tag, exclude_sha256={sha256_file(image)})[0])
         return results

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import sqlite_utils
 
-from archivecolor.catalog import EMBED_SHORT_SIDE, EMBEDDING, Catalog, catalogue_precision, embedding_input
+from archivecolor.catalog import EMBED_SHORT_SIDE, EMBEDDING, Catalog, catalogue_precision
 from archivecolor.errors import (
     ArchivecolorError,
     CatalogError,
@@ -51,7 +51,6 @@ from archivecolor.imageio import (
     output_icc,
     printable_path,
     read_image,
-    to_upright,
     write_file,
 )
 from archivecolor.models.session import resolve_precision
@@ -443,8 +442,7 @@ class ReferencePicker:
                 raise ArchivecolorError(f"{rel}: not listed in the mapping {self.options.mapping}; add a row for it")
             return [self._fixed(ref) for ref in self.mapping[rel]], []
         assert self.models is not None
-        return self.retrieve(self.models.embed(embedding_input(to_upright(scan.lightness(), scan.orientation))),
-                             source_sha256)
+        return self.retrieve(self.models.embed(target_l(scan, EMBED_SHORT_SIDE)), source_sha256)
 
     @property
     def from_target_pass(self) -> bool:
