@@ -115,3 +115,38 @@ def test_a_bundle_carries_smaller_photos_and_weights_that_train(data_root, tmp_p
     config = replace(CONFIGS["cpu-small"], size=48, width=8, epochs=1, batch_size=2, validation_every=4)
     trainer = Trainer(config, data, tmp_path / "run", device="cpu", weights=tmp_path / "bundle" / WEIGHTS_NAME)
     assert np.isfinite(trainer.fit(1)[0]["val_psnr"])
+
+
+def test_two_branch_loss_judges_retrieved_references_by_deep_features_only(data_root, tmp_path):
+    from training.config import CONFIGS, LossSpec
+    from training.train import Batch, Trainer
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "downloads").symlink_to(DOWNLOADS)
+    branch = CONFIGS["cpu-branch"].schedule[0][1]
+    assert branch.retrieved_pixel_weight == 0.0 and branch.deep_perceptual_weight > 0
+    config = replace(CONFIGS["cpu-branch"], size=48, width=8, batch_size=2, validation_every=4, perceptual_weight=0.0)
+    trainer = Trainer(config, data_root, out, device="cpu")
+    trainer.epoch = 0
+    rows = [trainer.train_photos[0] * 3 + k for k in range(3)]  # a self reference, then two retrieved ones
+    batch = trainer._batch(trainer.pairs, rows)
+    assert batch.retrieved.tolist() == [False, True, True]
+
+    def loss_of(rows: list[int], spec: LossSpec) -> torch.Tensor:
+        trainer.config = replace(config, schedule=((10**6, spec),))
+        return trainer.loss(Batch(batch.x[rows], batch.ab[rows], [f[rows] for f in batch.semantic],
+                                  batch.retrieved[rows]))[0]
+
+    no_deep = replace(branch, deep_perceptual_weight=0.0)
+    # A retrieved pair pays no pixel term: without the deep term its loss is zero ...
+    assert loss_of([1, 2], no_deep).item() == 0.0
+    # ... but a pixel weight brings it back, and the deep term alone gives it a gradient.
+    assert loss_of([1, 2], replace(no_deep, retrieved_pixel_weight=1.0)).item() > 0
+    deep = loss_of([1, 2], branch)
+    assert deep.item() > 0 and deep.requires_grad
+    deep.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.parameters())
+    # A self pair pays its pixel term in full and no deep term.
+    own = loss_of([0], no_deep).item()
+    assert own > 0 and loss_of([0], branch).item() == pytest.approx(own)

@@ -20,6 +20,13 @@ class LossSpec:
     # Soft ab-histogram distance to the truth's (Hellinger): asks for the truth's spread of colours, which
     # L2's pull to the mean takes away, without rewarding a wrong warped colour as the mean-chroma hinge did.
     histogram_weight: float = 0.0
+    # He et al.'s two branches: a pair whose reference is another photo cannot say which of the plausible
+    # colours the truth has, so an L2 on its ab teaches the mean, gray. Their perceptual branch trains such
+    # pairs on deep features alone (pixel weight 0) and keeps the pixel loss for self references.
+    retrieved_pixel_weight: float = 1.0
+    # relu5_1 term on retrieved-reference pairs; its mean is about 1/30 of a self pair's smooth-L1 on the
+    # shipped model, so 30 gives the two branches about equal say.
+    deep_perceptual_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,13 @@ CONFIGS = {
     "cpu-hist": TrainConfig(
         name="cpu-hist", size=160, width=32, epochs=8, lr=1e-4, decay_from=4, final_lr_fraction=0.1,
         schedule=((10**6, LossSpec(pixel="l2", colourfulness_weight=0.0, histogram_weight=0.2)),)),
+    # The shipped epoch 4 fine-tuned with He et al.'s two-branch loss: self references keep smooth-L1 on ab,
+    # retrieved references are judged by perceptual features only (start from a copy of
+    # cpu-small/epoch4.pt as last.pt).
+    "cpu-branch": TrainConfig(
+        name="cpu-branch", size=160, width=32, epochs=9, lr=1e-4, decay_from=4, final_lr_fraction=0.1,
+        schedule=((10**6, LossSpec(pixel="smooth_l1", colourfulness_weight=0.0, retrieved_pixel_weight=0.0,
+                                   deep_perceptual_weight=30.0)),)),
     # The 0.1.0 model's recipe, kept for the ablation: L2 + relu2_2 perceptual, no semantic prior.
     "cpu-small-v1": TrainConfig(name="cpu-small-v1", size=160, width=32, epochs=12, perceptual_layers=9,
                                 semantic=False, schedule=((10**6, LossSpec(colourfulness_weight=0.0)),)),

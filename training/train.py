@@ -11,6 +11,7 @@ import json
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,15 @@ from training.config import TrainConfig
 from training.data import PairCache, build_pairs, list_photos, split
 
 SMOOTH_L1_BETA = 0.04  # in ab/128 units (about 5 ab units): L2 below, L1 above
+DEEP_PERCEPTUAL_LAYERS = 26  # VGG-16 up to relu5_1, the layer of He et al.'s perceptual loss
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # (B, 13, S, S)
+    ab: torch.Tensor  # (B, 2, S, S) true ab/128
+    semantic: list[torch.Tensor]  # the target's VGG features, or empty
+    retrieved: torch.Tensor  # (B,) bool: the reference is another photo
 
 
 def chroma(ab: torch.Tensor) -> torch.Tensor:
@@ -95,7 +105,6 @@ class Trainer:
         self.vgg = VGGFeatures("vgg16")
         self.vgg.load_numpy(state)
         self.vgg.eval().to(self.device)
-        self.perceptual = self.vgg.features[: config.perceptual_layers]
         photos = list_photos(data_root)
         if not photos:
             raise SystemExit(f"no training photos under {data_root}; pass --data pointing at shared/data")
@@ -150,8 +159,9 @@ class Trainer:
         return True
 
     # --- steps ---------------------------------------------------------------------------------
-    def _batch(self, cache: PairCache, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """The 13-channel inputs, the true ab and the target features (for the semantic prior) of ``rows``."""
+    def _batch(self, cache: PairCache, rows: list[int]) -> Batch:
+        """The 13-channel inputs, the true ab, the target features (for the semantic prior) and which pairs
+        have a retrieved reference, of ``rows``."""
         rows = sorted(rows)
 
         def tensor(array: np.ndarray, index: list[int]) -> torch.Tensor:
@@ -159,26 +169,42 @@ class Trainer:
 
         photos = [cache.photo_of(r) for r in rows]
         semantic = [tensor(a, photos) for a in cache.semantic.values()] if self.config.semantic else []
-        return tensor(cache.x, rows), tensor(cache.ab, rows), semantic
+        retrieved = torch.tensor([cache.meta[r]["kind"] == "retrieved" for r in rows], device=self.device)
+        return Batch(tensor(cache.x, rows), tensor(cache.ab, rows), semantic, retrieved)
 
-    def _features(self, rgb: torch.Tensor) -> torch.Tensor:
-        return self.perceptual((rgb - self.vgg.mean) / self.vgg.std)
+    def _features(self, rgb: torch.Tensor, deep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Channel-normalised perceptual features of RGB images: the configured layer, and relu5_1 if ``deep``."""
+        h = (rgb - self.vgg.mean) / self.vgg.std
+        shallow = None
+        for i, layer in enumerate(self.vgg.features[: DEEP_PERCEPTUAL_LAYERS if deep else self.config.perceptual_layers]):
+            h = layer(h)
+            if i == self.config.perceptual_layers - 1:
+                shallow = h
+        return F.normalize(shallow, dim=1), F.normalize(h, dim=1) if deep else None
 
-    def loss(self, x: torch.Tensor, ab_true: torch.Tensor, semantic: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        ab_pred, _ = self.model(x, *semantic)
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        x, ab_true = batch.x, batch.ab
+        ab_pred, _ = self.model(x, *batch.semantic)
         cfg = self.config
         spec = cfg.loss_at(self.epoch)
         if spec.pixel == "smooth_l1":
-            pixel = F.smooth_l1_loss(ab_pred, ab_true, beta=SMOOTH_L1_BETA)
+            pixel = F.smooth_l1_loss(ab_pred, ab_true, beta=SMOOTH_L1_BETA, reduction="none")
         else:
-            pixel = F.mse_loss(ab_pred, ab_true)
+            pixel = F.mse_loss(ab_pred, ab_true, reduction="none")
+        # Per pair, so a retrieved reference's pixel term can weigh less than a self reference's.
+        pixel_weight = torch.where(batch.retrieved, spec.retrieved_pixel_weight, 1.0)
+        pixel = (pixel.mean(dim=(1, 2, 3)) * pixel_weight).mean()
         l01 = x[:, L_CHANNEL]
+        deep = spec.deep_perceptual_weight > 0
         with torch.no_grad():
-            target = F.normalize(self._features(lab_to_rgb(l01, ab_true)), dim=1)
-        pred = F.normalize(self._features(lab_to_rgb(l01, ab_pred)), dim=1)
+            target, target_deep = self._features(lab_to_rgb(l01, ab_true), deep)
+        pred, pred_deep = self._features(lab_to_rgb(l01, ab_pred), deep)
         perceptual = F.mse_loss(pred, target)
         hinge = colourfulness_hinge(ab_pred, ab_true, spec.colourfulness_target)
         total = pixel + cfg.perceptual_weight * perceptual + spec.colourfulness_weight * hinge
+        if deep:
+            per_pair = (pred_deep - target_deep).pow(2).mean(dim=(1, 2, 3))
+            total = total + spec.deep_perceptual_weight * (per_pair * batch.retrieved).mean()
         if spec.histogram_weight:
             total = total + spec.histogram_weight * histogram_distance(ab_pred, ab_true)
         return total, ab_pred
@@ -199,8 +225,9 @@ class Trainer:
         rows = self.val_rows  # retrieved references only: the realistic case
         model_psnr, gray_psnr, warp_psnr, losses, pred_chroma, true_chroma = [], [], [], [], [], []
         for start in range(0, len(rows), 16):
-            x, ab, semantic = self._batch(self.pairs, rows[start : start + 16])
-            loss, pred = self.loss(x, ab, semantic)
+            batch = self._batch(self.pairs, rows[start : start + 16])
+            x, ab = batch.x, batch.ab
+            loss, pred = self.loss(batch)
             losses.append(loss.item() * len(x))
             l01 = x[:, L_CHANNEL]
             model_psnr.append(psnr_rgb(l01, pred, ab))
@@ -232,10 +259,11 @@ class Trainer:
                 steps = 0
                 sub = bar.add_task(f"epoch {self.epoch + 1}", total=len(rows) // self.config.batch_size)
                 for start in range(0, len(rows) - self.config.batch_size + 1, self.config.batch_size):
-                    x, ab, semantic = self._batch(self.pairs, rows[start : start + self.config.batch_size])
+                    batch = self._batch(self.pairs, rows[start : start + self.config.batch_size])
                     if random.random() < 0.5:
-                        x, ab, semantic = x.flip(-1), ab.flip(-1), [f.flip(-1) for f in semantic]
-                    loss, _ = self.loss(x, ab, semantic)
+                        batch = Batch(batch.x.flip(-1), batch.ab.flip(-1), [f.flip(-1) for f in batch.semantic],
+                                      batch.retrieved)
+                    loss, _ = self.loss(batch)
                     self.optimiser.zero_grad(set_to_none=True)
                     loss.backward()
                     self.optimiser.step()
