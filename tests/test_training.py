@@ -1,5 +1,6 @@
 """The training path on a tiny generated data folder: pairs, a real optimisation step, resume, export."""
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -150,3 +151,70 @@ def test_two_branch_loss_judges_retrieved_references_by_deep_features_only(data_
     # A self pair pays its pixel term in full and no deep term.
     own = loss_of([0], no_deep).item()
     assert own > 0 and loss_of([0], branch).item() == pytest.approx(own)
+
+
+def test_online_pairs_are_fresh_views_with_real_references(data_root, tmp_path):
+    import random
+
+    from training.config import CONFIGS
+    from training.data import OnlinePairs, list_photos, split
+    from training.train import Trainer
+
+    photos = list_photos(data_root)
+    _, val = split(photos, 4)
+    config = replace(CONFIGS["gpu-online"], size=48, width=8, batch_size=2, validation_every=4)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "downloads").symlink_to(DOWNLOADS)
+    trainer = Trainer(config, data_root, out, device="cpu")
+    online = trainer.online
+    assert isinstance(online, OnlinePairs)
+    held = {i for i, p in enumerate(online.colour) if p in set(val)}
+    assert held and all(not held & set(ranks[:5]) for ranks in online.ranked)  # validation colours stay unseen
+    first = online.batch([0, 1, 2, 3], 0.5, random.Random(1), semantic=True)
+    again = online.batch([0, 1, 2, 3], 0.5, random.Random(2), semantic=True)
+    assert first.x.shape == (4, 13, 48, 48) and [f.shape[1] for f in first.semantic] == [256, 512, 512]
+    assert not torch.equal(first.ab, again.ab)  # another crop of the same photos
+    # The U-Net input starts with the target's own L, and the truth is that crop's colours.
+    from archivecolor.nets.colour import lab_to_rgb
+
+    assert torch.all(lab_to_rgb(first.x[:, :1], first.ab) >= 0)
+    assert first.retrieved.dtype == torch.bool
+    both = online.batch(list(range(4)) * 4, 0.5, random.Random(3), semantic=False)
+    assert both.retrieved.any() and not both.retrieved.all() and both.semantic == []
+    history = trainer.fit(1)
+    assert np.isfinite(history[0]["val_psnr"]) and history[0]["train_loss"] > 0
+
+
+@pytest.mark.slow  # about a minute and a half: one epoch of the real gpu-online configuration on a CPU
+def test_the_device_job_trains_and_brings_back_a_model_that_exports(tmp_path, models_home):
+    import os
+    import subprocess
+    import sys
+
+    from export.onnx_export import export_all
+    from tests.conftest import ROOT
+    from training.bundle import make_bundle
+    from training.config import TRAIN_FOLDERS
+
+    data = tmp_path / "data"
+    for i, photo in enumerate(colour_photos(24, (96, 80))):
+        folder = data / TRAIN_FOLDERS[i % len(TRAIN_FOLDERS)]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo).save(folder / f"p{i}.jpg")
+    make_bundle(data, tmp_path / "bundle", short_side=80)
+    out = tmp_path / "out"
+    env = {**os.environ, "DEVICE": "cpu", "BUNDLE": str(tmp_path / "bundle"), "RUN_DIR": str(tmp_path / "run"),
+           "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(ROOT / "training" / "device_job.sh"), str(out), "0"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "stopped after epoch 1" in (out / "train.log").read_text()  # --max-minutes 0: one epoch
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 1 and history[0]["train_loss"] > 0
+    slim = torch.load(out / "model.pt", weights_only=True)
+    assert "optimiser" not in slim and slim["config"]["name"] == "gpu-online"
+    assert (out / "model.pt").stat().st_size < (tmp_path / "run" / "last.pt").stat().st_size / 2
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    assert export_all(out / "model.pt", assets, graphs=("unet",))["models"]["unet"]["config"] == "gpu-online"

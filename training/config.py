@@ -56,6 +56,9 @@ class TrainConfig:
     semantic: bool = True  # the U-Net reads the target's VGG features
     self_reference_rate: float = 0.35  # the rest are retrieved (imperfect) references
     retrieved_per_photo: int = 2
+    # Train on pairs made afresh at each step (a new crop and reference view every draw) rather than on the
+    # precomputed ones, which then serve validation only. Cheap on a GPU; on a CPU it doubles a step.
+    online_pairs: bool = False
     keep_epochs: bool = True  # a copy of each epoch's checkpoint (epoch<N>.pt), to pick the model from
     validation_every: int = 20  # every n-th photo (sorted) is held out
     seed: int = 0
@@ -104,6 +107,15 @@ CONFIGS = {
         name="cpu-branch", size=160, width=32, epochs=9, lr=1e-4, decay_from=4, final_lr_fraction=0.1,
         schedule=((10**6, LossSpec(pixel="smooth_l1", colourfulness_weight=0.0, retrieved_pixel_weight=0.0,
                                    deep_perceptual_weight=30.0)),)),
+    # The shipped epoch 4 fine-tuned on online pairs (a fresh crop and reference view at every draw) with
+    # plain L2, the learning rate halved and decayed (start from a copy of cpu-small/epoch4.pt as last.pt).
+    "cpu-online": TrainConfig(
+        name="cpu-online", size=160, width=32, epochs=8, lr=1e-4, decay_from=4, final_lr_fraction=0.1,
+        online_pairs=True, schedule=((10**6, LossSpec(pixel="l2", colourfulness_weight=0.0)),)),
+    # The shipped recipe and width on a GPU: online pairs and five times the CPU run's steps
+    # (`training/device_job.sh`); 160 px because the photos must travel in the bundle with the VGG weights.
+    "gpu-online": TrainConfig(name="gpu-online", size=160, width=32, epochs=60, batch_size=16, decay_from=30,
+                              online_pairs=True),
     # The 0.1.0 model's recipe, kept for the ablation: L2 + relu2_2 perceptual, no semantic prior.
     "cpu-small-v1": TrainConfig(name="cpu-small-v1", size=160, width=32, epochs=12, perceptual_layers=9,
                                 semantic=False, schedule=((10**6, LossSpec(colourfulness_weight=0.0)),)),

@@ -56,16 +56,25 @@ def centre_view(rgb: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(im.crop((left, top, left + size, top + size)))
 
 
-def augmented_view(rgb: np.ndarray, size: int, rng: random.Random) -> np.ndarray:
-    """A geometrically different view of the same photo: crop, flip, rotation, so matching must work."""
+def _random_square(rgb: np.ndarray, rng: random.Random) -> Image.Image:
+    """A square crop of 60-100% of the short side at a random place, mirrored half the time."""
     im = Image.fromarray(rgb)
-    short = min(im.size)
-    crop = int(short * rng.uniform(0.6, 1.0))
+    crop = int(min(im.size) * rng.uniform(0.6, 1.0))
     left = rng.randint(0, im.width - crop)
     top = rng.randint(0, im.height - crop)
     im = im.crop((left, top, left + crop, top + crop))
-    if rng.random() < 0.5:
-        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    return im.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else im
+
+
+def crop_view(rgb: np.ndarray, size: int, rng: random.Random) -> np.ndarray:
+    """A random square crop of a photo at ``size``: a new view of it each time it is drawn."""
+    return np.asarray(_random_square(rgb, rng).resize((size, size), Image.BICUBIC))
+
+
+def augmented_view(rgb: np.ndarray, size: int, rng: random.Random) -> np.ndarray:
+    """A geometrically different view of the same photo: crop, flip, rotation, so matching must work."""
+    im = _random_square(rgb, rng)
+    crop = im.width
     im = im.rotate(rng.uniform(-12, 12), resample=Image.BICUBIC, expand=False)
     inset = int(crop * 0.1)  # drop the corners the rotation left empty
     im = im.crop((inset, inset, crop - inset, crop - inset))
@@ -80,8 +89,51 @@ def lab_tensors(rgb: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return l, ab
 
 
+def lab_batch(views: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same-size uint8 RGB views to model-scale L (B, 1, S, S) and ab (B, 2, S, S)."""
+    l, ab = zip(*(lab_tensors(view) for view in views))
+    return torch.cat(l), torch.cat(ab)
+
+
+def colour_photos_and_views(photos: list[Path], size: int) -> tuple[list[Path], list[np.ndarray]]:
+    """The photos that are not near gray, and their centre views at ``size`` (what retrieval ranks)."""
+    colour, views = [], []
+    for path in photos:
+        rgb = load_rgb(path)
+        if not is_near_gray(rgb):
+            colour.append(path)
+            views.append(centre_view(rgb, size))
+    return colour, views
+
+
+@torch.no_grad()
+def retrieval_ranks(views: list[np.ndarray], excluded: list[bool], vgg: VGGFeatures, device: torch.device,
+                    k: int = 6) -> list[list[int]]:
+    """For each view, the ``k`` most similar other views by the retrieval embedding, never an ``excluded``
+    one: real, imperfect references, as a catalogue would give."""
+    embeddings = [vgg(lab_tensors(view)[0].to(device))[5].cpu() for view in views]
+    emb = torch.cat(embeddings)
+    sims = emb @ emb.T
+    sims.fill_diagonal_(-2.0)
+    sims[:, torch.tensor(excluded, dtype=torch.bool)] = -2.0
+    return sims.argsort(dim=1, descending=True)[:, :k].tolist()
+
+
 def _semantic_shapes(n: int, size: int) -> dict[str, tuple[int, ...]]:
     return {name: (n, channels, size // stride, size // stride) for name, channels, stride in SEMANTIC_FEATURES}
+
+
+@dataclass
+class Batch:
+    """What one training step reads."""
+
+    x: torch.Tensor  # (B, 13, S, S) the U-Net input
+    ab: torch.Tensor  # (B, 2, S, S) true ab/128
+    semantic: list[torch.Tensor]  # the target's VGG features for the semantic prior, or empty
+    retrieved: torch.Tensor  # (B,) bool: the reference is another photo
+
+    def flipped(self) -> Batch:
+        return Batch(self.x.flip(-1), self.ab.flip(-1), [f.flip(-1) for f in self.semantic], self.retrieved)
 
 
 @dataclass
@@ -124,26 +176,8 @@ def build_pairs(
     rng = random.Random(config.seed)
     size = config.size
     corr = Correspondence().to(device)
-    colour = []
-    views = []
-    for path in photos:
-        rgb = load_rgb(path)
-        if is_near_gray(rgb):
-            continue
-        colour.append(path)
-        views.append(centre_view(rgb, size))
-    # Retrieval embeddings of the target views, to pick real (imperfect) references.
-    embeddings = []
-    for view in views:
-        l, _ = lab_tensors(view)
-        embeddings.append(vgg(l.to(device))[5].cpu())
-    emb = torch.cat(embeddings)
-    sims = emb @ emb.T
-    sims.fill_diagonal_(-2.0)
-    for j, path in enumerate(colour):
-        if path in held_out:
-            sims[:, j] = -2.0
-    ranked = sims.argsort(dim=1, descending=True)[:, :6].tolist()
+    colour, views = colour_photos_and_views(photos, size)
+    ranked = retrieval_ranks(views, [path in held_out for path in colour], vgg, device)
 
     per_photo = 1 + config.retrieved_per_photo
     n = len(colour) * per_photo
@@ -161,8 +195,7 @@ def build_pairs(
         choices = [ranked[i][0]] + rng.sample(ranked[i][1:], config.retrieved_per_photo - 1)
         refs += [("retrieved", colour[j], views[j]) for j in choices]
         # All references of one target in one batch: VGG and the correspondence run once.
-        ref_l, ref_ab = zip(*(lab_tensors(ref_view) for _, _, ref_view in refs))
-        rl, rab = torch.cat(ref_l).to(device), torch.cat(ref_ab).to(device)
+        rl, rab = (t.to(device) for t in lab_batch([ref_view for _, _, ref_view in refs]))
         rf = vgg(rl)[:5]
         k_refs = len(refs)
         x13 = corr(l.to(device).expand(k_refs, -1, -1, -1), *(f.expand(k_refs, -1, -1, -1) for f in tf), *rf, rab)
@@ -181,3 +214,52 @@ def build_pairs(
         (folder / f"{name}.f16.tmp").rename(folder / f"{name}.f16")
     (folder / "pairs.json").write_text(json.dumps({"size": size, "per_photo": per_photo, "pairs": meta}))
     return PairCache.open(folder)
+
+
+class OnlinePairs:
+    """Pairs made afresh at every step on the training device, instead of read from a PairCache: each
+    draw of a photo is a new random crop, and its reference a new view of itself or of one of its five
+    nearest other photos. Far more variety than three fixed pairs per photo; on a GPU the VGG passes and
+    the correspondence cost little next to the U-Net's step.
+
+    Photo indices are those of ``colour_photos_and_views`` (the same as a PairCache built from the same
+    photos). ``held_out`` photos are never a reference.
+    """
+
+    def __init__(self, photos: list[Path], held_out: set[Path], config: TrainConfig, vgg: VGGFeatures,
+                 device: torch.device) -> None:
+        self.size = config.size
+        self.vgg = vgg
+        self.device = device
+        self.corr = Correspondence().to(device)
+        self.colour, views = colour_photos_and_views(photos, config.size)
+        self.ranked = retrieval_ranks(views, [path in held_out for path in self.colour], vgg, device)
+        # Kept at the largest size a crop of 60% of the short side needs, so a draw is only a crop and a resize.
+        short_side = round(config.size / 0.6)
+        self.rgb = [self._shrunk(load_rgb(path), short_side) for path in self.colour]
+
+    @staticmethod
+    def _shrunk(rgb: np.ndarray, short_side: int) -> np.ndarray:
+        im = Image.fromarray(rgb)
+        scale = short_side / min(im.size)
+        if scale < 1:
+            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC)
+        return np.asarray(im)
+
+    @torch.no_grad()
+    def batch(self, photos: list[int], self_reference_rate: float, rng: random.Random, semantic: bool) -> Batch:
+        targets, references, retrieved = [], [], []
+        for i in photos:
+            targets.append(crop_view(self.rgb[i], self.size, rng))
+            if rng.random() < self_reference_rate:
+                references.append(augmented_view(self.rgb[i], self.size, rng))
+                retrieved.append(False)
+            else:
+                references.append(crop_view(self.rgb[rng.choice(self.ranked[i][:5])], self.size, rng))
+                retrieved.append(True)
+        l, ab = (t.to(self.device) for t in lab_batch(targets))
+        rl, rab = (t.to(self.device) for t in lab_batch(references))
+        tf = self.vgg(l)[:5]
+        x = self.corr(l, *tf, *self.vgg(rl)[:5], rab)
+        features = list(tf[2:]) if semantic else []
+        return Batch(x, ab, features, torch.tensor(retrieved, device=self.device))

@@ -11,7 +11,6 @@ import json
 import random
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,18 +25,10 @@ from archivecolor.nets.colour import lab_to_rgb
 from archivecolor.nets.unet import ColorUNet
 from archivecolor.nets.vgg import VGGFeatures
 from training.config import TrainConfig
-from training.data import PairCache, build_pairs, list_photos, split
+from training.data import Batch, OnlinePairs, PairCache, build_pairs, list_photos, split
 
 SMOOTH_L1_BETA = 0.04  # in ab/128 units (about 5 ab units): L2 below, L1 above
 DEEP_PERCEPTUAL_LAYERS = 26  # VGG-16 up to relu5_1, the layer of He et al.'s perceptual loss
-
-
-@dataclass
-class Batch:
-    x: torch.Tensor  # (B, 13, S, S)
-    ab: torch.Tensor  # (B, 2, S, S) true ab/128
-    semantic: list[torch.Tensor]  # the target's VGG features, or empty
-    retrieved: torch.Tensor  # (B,) bool: the reference is another photo
 
 
 def chroma(ab: torch.Tensor) -> torch.Tensor:
@@ -84,6 +75,18 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     return torch.load(path, map_location=device, weights_only=True)
 
 
+def slim_checkpoint(checkpoint: Path, out: Path) -> int:
+    """Write ``checkpoint``'s model, configuration and history without the optimiser, floating-point tensors
+    as float16 (loading casts them back); returns the bytes written."""
+    ckpt = load_checkpoint(checkpoint)
+    model = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    keep = {k: ckpt[k] for k in ("epoch", "config", "history", "backbone", "weight_source") if k in ckpt}
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save({**keep, "model": model}, tmp)
+    tmp.replace(out)
+    return out.stat().st_size
+
+
 def psnr_rgb(l01: torch.Tensor, ab_pred: torch.Tensor, ab_true: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR (dB, MAX=1) between the RGB images of two ab predictions on the same L."""
     a = lab_to_rgb(l01, ab_pred)
@@ -113,6 +116,10 @@ class Trainer:
         per = 1 + config.retrieved_per_photo
         photo_split = [self.pairs.meta[i * per]["split"] for i in range(len(self.pairs.meta) // per)]
         self.train_photos = [i for i, s in enumerate(photo_split) if s == "train"]
+        self.online = None
+        if config.online_pairs:
+            self.online = OnlinePairs(photos, set(val_photos), config, self.vgg, self.device)
+            assert [p.name for p in self.online.colour] == [self.pairs.meta[i * per]["photo"] for i in range(len(photo_split))]
         self.val_rows = [i * per + k for i, s in enumerate(photo_split) if s == "val" for k in range(1, per)]
         self.model = ColorUNet(width=config.width, semantic=config.semantic).to(self.device)
         self.optimiser = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -210,7 +217,12 @@ class Trainer:
         return total, ab_pred
 
     def epoch_rows(self) -> list[int]:
-        """One pair per photo: its self reference at the configured rate, else a retrieved one."""
+        """One pair per photo: its self reference at the configured rate, else a retrieved one. With
+        online pairs, the photos themselves: each draw makes its own pair."""
+        if self.online is not None:
+            photos = list(self.train_photos)
+            random.shuffle(photos)
+            return photos
         per = 1 + self.config.retrieved_per_photo
         rows = []
         for photo in self.train_photos:
@@ -245,8 +257,11 @@ class Trainer:
             "val_chroma_ratio": (torch.cat(pred_chroma).mean() / torch.cat(true_chroma).mean()).item(),
         }
 
-    def fit(self, epochs: int | None = None) -> list[dict]:
+    def fit(self, epochs: int | None = None, max_minutes: float | None = None) -> list[dict]:
+        """Train to ``epochs``; with ``max_minutes``, stop after the first epoch that ends past that time
+        (every epoch is checkpointed, so ``--resume`` carries on)."""
         total = epochs or self.config.epochs
+        deadline = None if max_minutes is None else time.time() + 60 * max_minutes
         self.model.train()
         with self._progress() as bar:
             task = bar.add_task("epochs", total=total, completed=self.epoch)
@@ -259,10 +274,11 @@ class Trainer:
                 steps = 0
                 sub = bar.add_task(f"epoch {self.epoch + 1}", total=len(rows) // self.config.batch_size)
                 for start in range(0, len(rows) - self.config.batch_size + 1, self.config.batch_size):
-                    batch = self._batch(self.pairs, rows[start : start + self.config.batch_size])
+                    chunk = rows[start : start + self.config.batch_size]
+                    batch = (self.online.batch(chunk, self.config.self_reference_rate, random, self.config.semantic)
+                             if self.online is not None else self._batch(self.pairs, chunk))
                     if random.random() < 0.5:
-                        batch = Batch(batch.x.flip(-1), batch.ab.flip(-1), [f.flip(-1) for f in batch.semantic],
-                                      batch.retrieved)
+                        batch = batch.flipped()
                     loss, _ = self.loss(batch)
                     self.optimiser.zero_grad(set_to_none=True)
                     loss.backward()
@@ -285,4 +301,7 @@ class Trainer:
                     f"chroma {record['val_chroma_ratio']:.2f} of the truth's, {record['seconds']} s"
                 )
                 bar.update(task, completed=self.epoch)
+                if deadline is not None and time.time() > deadline and self.epoch < total:
+                    self.console.print(f"stopped after epoch {self.epoch}: past {max_minutes} minutes; --resume goes on")
+                    break
         return self.history
