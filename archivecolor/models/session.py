@@ -18,7 +18,8 @@ import numpy as np
 import onnxruntime as ort
 
 from archivecolor.errors import ModelNotFound, ProviderUnavailable, UsageError
-from archivecolor.models.store import InstalledModel, model_dir, read_manifest, verified_path
+from archivecolor.models.registry import FLOAT16_MARK
+from archivecolor.models.store import InstalledModel, model_dir, read_manifest, verified_path, widen_float16
 from archivecolor.models.weights import sha256_file
 
 PROVIDER_CHOICES = ("auto", "cuda", "cpu")
@@ -151,8 +152,14 @@ def open_session(name: str, provider: str = "auto", home: Path | None = None, th
         options.intra_op_num_threads = threads
     elif os.environ.get("ARCHIVECOLOR_THREADS"):
         options.intra_op_num_threads = int(os.environ["ARCHIVECOLOR_THREADS"])
+    source: str | bytes = str(path)
+    if entry.source.get("user_file"):
+        data = Path(path).read_bytes()
+        # `python -m export` stores weights as float16, as the package ships them; `models pull` widens
+        # installed files, and a user's own export is widened here, in memory.
+        source = widen_float16(data) if FLOAT16_MARK.encode() in data else data
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        session = ort.InferenceSession(source, sess_options=options, providers=providers)
     except Exception as exc:  # ORT raises its own untyped errors
         if provider == "cuda":
             raise ProviderUnavailable(f"{path}: cannot start on CUDA ({exc}); use --provider cpu") from exc
