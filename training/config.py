@@ -57,7 +57,7 @@ class TrainConfig:
     self_reference_rate: float = 0.35  # the rest are retrieved (imperfect) references
     retrieved_per_photo: int = 2
     # Train on pairs made afresh at each step (a new crop and reference view every draw) rather than on the
-    # precomputed ones, which then serve validation only. Cheap on a GPU; on a CPU it doubles a step.
+    # precomputed ones, which then serve validation only. On 2 CPU cores it doubles a step.
     online_pairs: bool = False
     keep_epochs: bool = True  # a copy of each epoch's checkpoint (epoch<N>.pt), to pick the model from
     validation_every: int = 20  # every n-th photo (sorted) is held out
@@ -100,20 +100,21 @@ CONFIGS = {
     "cpu-hist": TrainConfig(
         name="cpu-hist", size=160, width=32, epochs=8, lr=1e-4, decay_from=4, final_lr_fraction=0.1,
         schedule=((10**6, LossSpec(pixel="l2", colourfulness_weight=0.0, histogram_weight=0.2)),)),
-    # The shipped epoch 4 fine-tuned with He et al.'s two-branch loss: self references keep smooth-L1 on ab,
+    # cpu-small's epoch 4 fine-tuned with He et al.'s two-branch loss: self references keep smooth-L1 on ab,
     # retrieved references are judged by perceptual features only (start from a copy of
     # cpu-small/epoch4.pt as last.pt).
     "cpu-branch": TrainConfig(
         name="cpu-branch", size=160, width=32, epochs=9, lr=1e-4, decay_from=4, final_lr_fraction=0.1,
         schedule=((10**6, LossSpec(pixel="smooth_l1", colourfulness_weight=0.0, retrieved_pixel_weight=0.0,
                                    deep_perceptual_weight=30.0)),)),
-    # The shipped epoch 4 fine-tuned on online pairs (a fresh crop and reference view at every draw) with
+    # cpu-small's epoch 4 fine-tuned on online pairs (a fresh crop and reference view at every draw) with
     # plain L2, the learning rate halved and decayed (start from a copy of cpu-small/epoch4.pt as last.pt).
+    # Its epoch 8 is the shipped model.
     "cpu-online": TrainConfig(
         name="cpu-online", size=160, width=32, epochs=8, lr=1e-4, decay_from=4, final_lr_fraction=0.1,
         online_pairs=True, schedule=((10**6, LossSpec(pixel="l2", colourfulness_weight=0.0)),)),
-    # The shipped recipe and width on a GPU: online pairs and five times the CPU run's steps
-    # (`training/device_job.sh`); 160 px because the photos must travel in the bundle with the VGG weights.
+    # The shipped recipe and width on a GPU, run by `training/device_job.sh`: online pairs, 60 epochs (about 7
+    # times the training samples the shipped model saw); 160 px because the photos travel in the bundle.
     "gpu-online": TrainConfig(name="gpu-online", size=160, width=32, epochs=60, batch_size=16, decay_from=30,
                               online_pairs=True),
     # The 0.1.0 model's recipe, kept for the ablation: L2 + relu2_2 perceptual, no semantic prior.
