@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from archivecolor.models.weights import load_backbone_weights
-from training.data import list_photos
+from training.data import list_photos, shrunk
 
 WEIGHTS_NAME = "vgg16-fp16.pth"
 
@@ -48,11 +48,7 @@ def make_bundle(data_root: Path, out: Path, short_side: int = 224, quality: int 
     encoded = {}
     for path in photos:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            scale = short_side / min(im.size)
-            if scale < 1:
-                im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.LANCZOS)
-            encoded[path.relative_to(data_root)] = _jpeg(im, quality)
+            encoded[path.relative_to(data_root)] = _jpeg(shrunk(im.convert("RGB"), short_side, Image.LANCZOS), quality)
     state, _ = load_backbone_weights("vgg16", weights)
     half = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float16)) for k, v in state.items()}
     bundle = Bundle(out, len(encoded), sum(map(len, encoded.values())),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,14 +96,28 @@ def lab_batch(views: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(l), torch.cat(ab)
 
 
-def colour_photos_and_views(photos: list[Path], size: int) -> tuple[list[Path], list[np.ndarray]]:
-    """The photos that are not near gray, and their centre views at ``size`` (what retrieval ranks)."""
-    colour, views = [], []
+def shrunk(im: Image.Image, short_side: int, resample: int = Image.BICUBIC) -> Image.Image:
+    """``im`` with its short side brought down to ``short_side`` (never enlarged)."""
+    scale = short_side / min(im.size)
+    if scale >= 1:
+        return im
+    return im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), resample)
+
+
+def colour_photos(photos: list[Path]) -> Iterator[tuple[Path, np.ndarray]]:
+    """(path, uint8 RGB) of the photos that are not near gray, read one at a time."""
     for path in photos:
         rgb = load_rgb(path)
         if not is_near_gray(rgb):
-            colour.append(path)
-            views.append(centre_view(rgb, size))
+            yield path, rgb
+
+
+def colour_photos_and_views(photos: list[Path], size: int) -> tuple[list[Path], list[np.ndarray]]:
+    """The photos that are not near gray, and their centre views at ``size`` (what retrieval ranks)."""
+    colour, views = [], []
+    for path, rgb in colour_photos(photos):
+        colour.append(path)
+        views.append(centre_view(rgb, size))
     return colour, views
 
 
@@ -232,19 +247,14 @@ class OnlinePairs:
         self.vgg = vgg
         self.device = device
         self.corr = Correspondence().to(device)
-        self.colour, views = colour_photos_and_views(photos, config.size)
-        self.ranked = retrieval_ranks(views, [path in held_out for path in self.colour], vgg, device)
         # Kept at the largest size a crop of 60% of the short side needs, so a draw is only a crop and a resize.
         short_side = round(config.size / 0.6)
-        self.rgb = [self._shrunk(load_rgb(path), short_side) for path in self.colour]
-
-    @staticmethod
-    def _shrunk(rgb: np.ndarray, short_side: int) -> np.ndarray:
-        im = Image.fromarray(rgb)
-        scale = short_side / min(im.size)
-        if scale < 1:
-            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC)
-        return np.asarray(im)
+        self.colour, views, self.rgb = [], [], []
+        for path, rgb in colour_photos(photos):  # each photo read once
+            self.colour.append(path)
+            views.append(centre_view(rgb, config.size))
+            self.rgb.append(np.asarray(shrunk(Image.fromarray(rgb), short_side)))
+        self.ranked = retrieval_ranks(views, [path in held_out for path in self.colour], vgg, device)
 
     @torch.no_grad()
     def batch(self, photos: list[int], self_reference_rate: float, rng: random.Random, semantic: bool) -> Batch:
