@@ -20,7 +20,7 @@ import onnxruntime as ort
 from archivecolor.errors import ModelNotFound, ProviderUnavailable, UsageError
 from archivecolor.models.registry import FLOAT16_MARK
 from archivecolor.models.store import InstalledModel, model_dir, read_manifest, verified_path, widen_float16
-from archivecolor.models.weights import sha256_file
+from archivecolor.models.weights import sha256_bytes
 
 PROVIDER_CHOICES = ("auto", "cuda", "cpu")
 INT8_SUFFIX = "_int8"
@@ -136,12 +136,18 @@ def open_session(name: str, provider: str = "auto", home: Path | None = None, th
     ``path``: a user's own export of that graph instead of the installed one (its sha256 is recorded;
     its input and output names must be this version's).
     """
+    source: str | bytes
     if path is None:
         path, entry = verified_path(name, home)
+        source = str(path)
     else:
         if not Path(path).is_file():
             raise UsageError(f"--model-path {path}: no such file; pass an ONNX U-Net exported with `python -m export`")
-        entry = InstalledModel(name, str(path), sha256_file(Path(path)), Path(path).stat().st_size, {"user_file": str(path)})
+        data = Path(path).read_bytes()
+        entry = InstalledModel(name, str(path), sha256_bytes(data), len(data), {"user_file": str(path)})
+        # `python -m export` stores weights as float16, as the package ships them; `models pull` widens
+        # installed files, and a user's own export is widened here, in memory.
+        source = widen_float16(data) if FLOAT16_MARK.encode() in data else data
     providers = provider_list(provider)
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -152,12 +158,6 @@ def open_session(name: str, provider: str = "auto", home: Path | None = None, th
         options.intra_op_num_threads = threads
     elif os.environ.get("ARCHIVECOLOR_THREADS"):
         options.intra_op_num_threads = int(os.environ["ARCHIVECOLOR_THREADS"])
-    source: str | bytes = str(path)
-    if entry.source.get("user_file"):
-        data = Path(path).read_bytes()
-        # `python -m export` stores weights as float16, as the package ships them; `models pull` widens
-        # installed files, and a user's own export is widened here, in memory.
-        source = widen_float16(data) if FLOAT16_MARK.encode() in data else data
     try:
         session = ort.InferenceSession(source, sess_options=options, providers=providers)
     except Exception as exc:  # ORT raises its own untyped errors
