@@ -17,7 +17,7 @@ import numpy as np
 from archivecolor.color import denormalise_ab, normalise_ab, normalise_l, rgb_to_lab
 from archivecolor.errors import ImageReadError
 from archivecolor.imageio import Scan, from_upright, read_image, to_upright
-from archivecolor.models.layout import FORWARD_MAPS
+from archivecolor.models.layout import FORWARD_MAPS, SECOND_AB, WARPED_AB
 from archivecolor.models.registry import DEFAULT_BACKBONE, features_name
 from archivecolor.models.session import ModelSession, open_precision, open_session, resolve_precision
 from archivecolor.models.weights import sha256_file
@@ -76,6 +76,16 @@ class Models:
     def semantic_inputs(self) -> list[str]:
         """The target-feature inputs this U-Net reads as its semantic prior (none for a 13-channel-only U-Net)."""
         return [i.name for i in self.unet.session.get_inputs() if i.name in SEMANTIC_INPUTS]
+
+    @property
+    def second_opinion(self) -> bool:
+        """Whether this U-Net reads a second reference's warped ab (then a target wants two references)."""
+        return any(i.name == SECOND_AB for i in self.unet.session.get_inputs())
+
+    @property
+    def references_wanted(self) -> int:
+        """How many retrieved references a target needs at least: two for a second opinion."""
+        return 2 if self.second_opinion else 1
 
 
 @dataclass
@@ -189,9 +199,10 @@ class Prediction:
     l: np.ndarray  # (h, w) CIELAB L, the guide
     trust: np.ndarray  # (h, w) in (0, 1): how much the reference colour was believed
     x13: np.ndarray  # (13, h, w) the U-Net input (warped ab and similarity maps)
-    chosen: np.ndarray  # (h, w) index of the reference used at each pixel
+    chosen: np.ndarray  # (h, w) index of the reference whose warp x13 holds at each pixel
     similarity: list[float]  # per reference, mean target→reference similarity
-    semantic: dict[str, np.ndarray] = field(default_factory=dict)  # the U-Net's target-feature inputs, (1, C, h/s, w/s)
+    # The U-Net's other inputs in graph order, each (1, C, h', w'): target features, a second opinion.
+    unet_inputs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -204,6 +215,13 @@ class StageTimes:
         self.features += other.features
         self.correspondence += other.correspondence
         self.unet += other.unet
+
+
+def first_and_second(candidates: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """For a second-opinion U-Net: the first reference's 13-channel input, and the second opinion's warped ab
+    (2, h, w): the other references' (fused per pixel), or the first's own when it is alone."""
+    others, _ = fuse(candidates[1:] or candidates[:1])
+    return candidates[0], others[WARPED_AB]
 
 
 def fuse(candidates: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -229,7 +247,7 @@ def predict(models: Models, l_batch: np.ndarray, references: list[list[Reference
     t0 = time.perf_counter()
     feats = (features or models.target_features(l_batch)).maps
     t1 = time.perf_counter()
-    inputs, chosen, sims = [], [], []
+    inputs, seconds, chosen, sims = [], [], [], []
     for i, refs in enumerate(references):
         target = [f[i : i + 1] for f in feats]
         candidates = []
@@ -238,21 +256,29 @@ def predict(models: Models, l_batch: np.ndarray, references: list[list[Reference
             feeds.update({f"tf{k + 1}": target[k] for k in range(5)})
             feeds.update({f"rf{k + 1}": ref.features[k] for k in range(5)})
             candidates.append(models.correspondence.run(feeds)[0][0])
-        fused, pick = fuse(candidates)
-        inputs.append(fused)
-        chosen.append(pick)
+        if models.second_opinion:  # the first reference gives the colours, the others say where to believe them
+            first, second = first_and_second(candidates)
+            inputs.append(first)
+            seconds.append(second)
+            chosen.append(np.zeros(first.shape[-2:], dtype=np.int64))
+        else:
+            fused, pick = fuse(candidates)
+            inputs.append(fused)
+            chosen.append(pick)
         sims.append([float(c[FORWARD_MAPS].mean()) for c in candidates])
     x = np.stack(inputs).astype(np.float32)
-    semantic = {name: feats[SEMANTIC_INPUTS[name]] for name in models.semantic_inputs()}
+    extra = {name: feats[SEMANTIC_INPUTS[name]] for name in models.semantic_inputs()}
+    if seconds:
+        extra[SECOND_AB] = np.stack(seconds).astype(np.float32)
     t2 = time.perf_counter()
-    ab, trust = models.unet.run({"x13": x, **semantic})
+    ab, trust = models.unet.run({"x13": x, **extra})
     t3 = time.perf_counter()
     times.features += t1 - t0
     times.correspondence += t2 - t1
     times.unet += t3 - t2
     return [
         Prediction(denormalise_ab(ab[i].transpose(1, 2, 0)), l_batch[i, 0] * 100.0, trust[i, 0], x[i], chosen[i], sims[i],
-                   {name: f[i : i + 1] for name, f in semantic.items()})
+                   {name: f[i : i + 1] for name, f in extra.items()})
         for i in range(len(references))
     ]
 

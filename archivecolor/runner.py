@@ -453,11 +453,12 @@ class ReferencePicker:
     def retrieve(self, query: np.ndarray, source_sha256: str) -> tuple[list[dict], list[dict]]:
         """The catalogue's references for a query embedding (1, 512), never the scan itself, and its best candidates."""
         assert self.catalog is not None
-        matches = self.catalog.search(query, max(self.options.top_k, CANDIDATES), collection=self.options.collection,
+        wanted = max(self.options.top_k, self.models.references_wanted if self.models is not None else 1)
+        matches = self.catalog.search(query, max(wanted, CANDIDATES), collection=self.options.collection,
                                       exclude_sha256={source_sha256})[0]
         candidates = [{"path": m.path, "sha256": m.sha256, "similarity": round(m.similarity, 4), "catalog_id": m.id}
                       for m in matches]
-        return candidates[: self.options.top_k], candidates
+        return candidates[:wanted], candidates
 
     def close(self) -> None:
         if self.catalog is not None:
@@ -570,8 +571,9 @@ def write_outputs(ctx: RunContext, job: _Job, prediction: Prediction, loaded: li
         if ref.sha256 and ref.sha256 != chosen["sha256"]:
             warnings.append(f"reference {chosen['path']} changed since it was indexed; the sha256 recorded is of the "
                             f"file as read; re-run `archivecolor index` to update the catalogue")
+        role = "second opinion" if ctx.models.second_opinion and k > 0 else "colours"
         refs.append(dict(chosen, sha256=ref.sha256 or chosen["sha256"], share=round(float((prediction.chosen == k).mean()), 4),
-                         match=round(prediction.similarity[k], 4)))
+                         match=round(prediction.similarity[k], 4), role=role))
     models, parameters = ctx.models, ctx.options.parameters() | {"batch_size": ctx.options.batch_size,
                                                                    "jobs": ctx.options.jobs}
     digest = record_digest(job.sha256, refs, models.hashes(), models.backbone, models.provider, parameters)

@@ -16,6 +16,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from archivecolor.models.layout import SECOND_AB
 from archivecolor.models.registry import ASSET_DIR, WEIGHT_MARK
 from archivecolor.models.weights import sha256_bytes
 from archivecolor.nets.correspondence import Correspondence
@@ -55,16 +56,18 @@ def export_correspondence() -> onnx.ModelProto:
 
 
 def export_unet(unet: ColorUNet) -> onnx.ModelProto:
-    """Inputs ``x13`` and, for a U-Net with the semantic prior, the target features ``tf3``..``tf5``."""
+    """Inputs ``x13``; for a U-Net with the semantic prior, the target features ``tf3``..``tf5``; for one with a
+    second opinion, ``second_ab``."""
     axes = {n: {0: "batch", 2: "height", 3: "width"} for n in ("x13", "ab", "trust")}
     args = [torch.rand(1, 13, 64, 96)]
-    inputs = ["x13"]
     if unet.semantic:
         for name, channels, stride in SEMANTIC_FEATURES:
             args.append(torch.rand(1, channels, 64 // stride, 96 // stride))
-            inputs.append(name)
             axes[name] = {0: "batch", 2: f"{name}_height", 3: f"{name}_width"}
-    return _to_model(unet.eval(), tuple(args), inputs, ["ab", "trust"], axes)
+    if unet.second_opinion:
+        args.append(torch.rand(1, 2, 64, 96))
+        axes[SECOND_AB] = {0: "batch", 2: "height", 3: "width"}
+    return _to_model(unet.eval(), tuple(args), unet.input_names(), ["ab", "trust"], axes)
 
 
 def strip_weights(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
@@ -139,11 +142,13 @@ def export_all(unet_checkpoint: Path | None, asset_dir: Path = ASSET_DIR, graphs
     if "unet" in graphs and unet_checkpoint is not None:
         ckpt = torch.load(unet_checkpoint, map_location="cpu", weights_only=True)
         semantic = ckpt["config"].get("semantic", False)
-        unet = ColorUNet(width=ckpt["config"]["width"], semantic=semantic)
+        second_opinion = ckpt["config"].get("second_opinion", False)
+        unet = ColorUNet(width=ckpt["config"]["width"], semantic=semantic, second_opinion=second_opinion)
         unet.load_state_dict(ckpt["model"], strict=True)
         model = to_float16_storage(export_unet(unet))
         info = {"width": ckpt["config"]["width"], "epochs": ckpt["epoch"], "config": ckpt["config"]["name"],
-                "backbone": ckpt.get("backbone", "vgg16"), "float16_storage": True, "semantic": semantic}
+                "backbone": ckpt.get("backbone", "vgg16"), "float16_storage": True, "semantic": semantic,
+                "second_opinion": second_opinion}
         registry["models"]["unet"] = write_asset(model, "unet", "colorizer", asset_dir, info)
     registry_path.write_text(json.dumps(registry, indent=2, sort_keys=True) + "\n")
     return registry

@@ -275,3 +275,61 @@ def test_retrieval_from_the_scans_own_pass_is_what_catalog_search_finds(scans, t
             assert [r["path"] for r in result.references] == [m.path for m in expected], (size, result.source)
             np.testing.assert_allclose([r["similarity"] for r in result.references],
                                        [m.similarity for m in expected], atol=2e-3)
+
+
+def test_a_second_opinion_unet_gets_the_next_reference_and_records_it(tmp_path, models_home):
+    """A U-Net that reads `second_ab` is given the second-best retrieved reference even at --top-k 1; the
+    sidecar names it as a second opinion; one reference alone is its own second opinion."""
+    torch = pytest.importorskip("torch")
+    import onnx
+
+    from archivecolor.models.layout import SECOND_AB
+    from archivecolor.nets.unet import ColorUNet
+    from archivecolor.pipeline import Models, load_reference, predict, target_l
+    from export.onnx_export import export_unet, to_float16_storage
+
+    torch.manual_seed(0)
+    unet = ColorUNet(width=8, second_opinion=True)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        unet.head.bias[2] = -20.0  # no trust in the warp: the output is the network's own colour
+    own = tmp_path / "second-unet.onnx"
+    onnx.save(to_float16_storage(export_unet(unet.eval())), own)
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    photos = colour_photos(8, (192, 128))
+    for i, photo in enumerate(photos[3:]):
+        Image.fromarray(photo).save(refs / f"r{i}.jpg", quality=92)
+    db = tmp_path / "cat.sqlite"
+    index_references(refs, db, home=models_home)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    Image.fromarray(gray_of(photos[0])).save(scans / "a.png")
+    report = colorize_folder(scans, RunOptions(out=tmp_path / "out", catalog=db, home=models_home, model_path=own))
+    (result,) = report.results
+    assert result.status == "done"
+    doc = json.loads((tmp_path / "out" / "a.png.json").read_text())
+    jsonschema.validate(doc, load_schema())
+    assert [r["role"] for r in doc["references"]] == ["colours", "second opinion"]
+    assert [r["share"] for r in doc["references"]] == [1.0, 0.0]
+    assert doc["references"][0]["similarity"] >= doc["references"][1]["similarity"]
+
+    models = Models.open("cpu", models_home, unet_path=own, precision="fp32")
+    assert models.second_opinion and models.references_wanted == 2
+    first, second = (load_reference(refs / f"r{i}.jpg", f"r{i}", 256) for i in (0, 1))
+    for ref in (first, second):
+        ref.features = models.features_of(ref.l)
+    from archivecolor.imageio import read_image
+
+    l = target_l(read_image(scans / "a.png"), 256)
+    alone, doubled, other = (predict(models, l, [refs_])[0] for refs_ in ([first], [first, first], [first, second]))
+    np.testing.assert_array_equal(alone.ab, doubled.ab)
+    np.testing.assert_array_equal(alone.x13, other.x13)  # the first reference gives the colours ...
+    # ... the second reference's warp is the network's second opinion, and changes what it makes of them
+    np.testing.assert_array_equal(other.unet_inputs[SECOND_AB][0], predict(models, l, [[second]])[0].x13[1:3])
+    assert (alone.ab != other.ab).any()
+    with torch.no_grad():
+        expected = unet(torch.from_numpy(other.x13[None]), *map(torch.from_numpy, other.unet_inputs.values()))[0]
+    assert np.abs(expected[0].numpy().transpose(1, 2, 0) * 128 - other.ab).max() < 1.0  # float16 storage

@@ -218,3 +218,74 @@ def test_the_device_job_trains_and_brings_back_a_model_that_exports(tmp_path, mo
     assets = tmp_path / "assets"
     assets.mkdir()
     assert export_all(out / "model.pt", assets, graphs=("unet",))["models"]["unet"]["config"] == "gpu-online"
+
+
+def test_a_second_opinion_starts_as_the_model_it_widens_and_reads_the_other_reference(data_root, tmp_path):
+    """--init widens the first convolution with zeros; each retrieved pair's second opinion is the photo's other
+    retrieved reference, a self pair's its own warp; the export reads `second_ab` and follows it."""
+    import random
+
+    from export.onnx_export import export_all
+    from training.config import CONFIGS
+    from training.train import Trainer
+
+    def run(name, config):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "downloads").symlink_to(DOWNLOADS)
+        return Trainer(config, data_root, out, device="cpu", pairs_dir=tmp_path / "pairs")
+
+    small = dict(size=48, width=8, batch_size=2, validation_every=4)
+    plain = run("plain", replace(CONFIGS["cpu-small"], **small))
+    plain.fit(1)
+    second = run("second", replace(CONFIGS["cpu-second"], **small))
+    second.initialise(tmp_path / "plain" / "last.pt")
+
+    cache = second.pairs
+    rows = list(range(len(cache.meta)))
+    batch = second._batch(cache, rows)
+    for i, row in enumerate(rows):
+        other = cache.second_of(row)
+        assert cache.photo_of(other) == cache.photo_of(row)
+        if cache.meta[row]["kind"] == "self":
+            assert other == row
+        else:
+            assert other != row and cache.meta[other]["kind"] == "retrieved"
+        assert torch.equal(batch.second[i], torch.from_numpy(np.asarray(cache.x[other, 1:3], np.float32)))
+
+    plain.model.eval()
+    second.model.eval()
+    with torch.no_grad():
+        narrow = plain.model(batch.x, *batch.semantic)[0]
+        widened = second.model(batch.x, *batch.inputs())[0]
+    assert torch.equal(narrow, widened)  # the new channels start at zero
+
+    history = second.fit(1)
+    assert np.isfinite(history[0]["val_psnr"])
+    assert second.model.enc[0][0].weight[:, 13:].abs().sum() > 0  # and it learnt to read them
+
+    online = replace(CONFIGS["gpu-online"], **small)
+    pairs = run("online", online).online.batch([0, 1, 2, 3] * 3, 0.5, random.Random(0), semantic=True, second_opinion=True)
+    assert pairs.second.shape == (12, 2, 48, 48)
+    own = ~pairs.retrieved
+    assert own.any() and pairs.retrieved.any()
+    assert torch.equal(pairs.second[own], pairs.x[own, 1:3])  # a self pair stands alone
+    assert not torch.equal(pairs.second[pairs.retrieved], pairs.x[pairs.retrieved, 1:3])
+
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    registry = export_all(tmp_path / "second" / "last.pt", assets)
+    assert registry["models"]["unet"]["second_opinion"]
+    import onnxruntime as ort
+
+    from archivecolor.models.store import widen_float16
+
+    session = ort.InferenceSession(widen_float16((assets / "unet.onnx").read_bytes()), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["x13", "tf3", "tf4", "tf5", "second_ab"]
+    feeds = {"x13": batch.x[:2].numpy(), **{n: f[:2].numpy() for n, f in zip(("tf3", "tf4", "tf5"), batch.semantic)}}
+    with torch.no_grad():
+        expected = second.model.eval()(batch.x[:2], *[f[:2] for f in batch.inputs()])[0].numpy()
+    agree = session.run(["ab"], {**feeds, "second_ab": batch.second[:2].numpy()})[0]
+    assert np.abs(agree - expected).max() < 5e-3
+    differ = session.run(["ab"], {**feeds, "second_ab": -batch.second[:2].numpy()})[0]
+    assert (differ != agree).any()  # the graph reads it (after one tiny epoch its weights are still small)

@@ -25,6 +25,8 @@ def train(
     pairs: Path = typer.Option(None, help="precomputed pair folder to use or fill (default <out>/pairs-<size>)"),
     max_minutes: float = typer.Option(None, min=0, help="stop after the first epoch that ends past this many "
                                       "minutes (every epoch is checkpointed; --resume goes on)"),
+    init: Path = typer.Option(None, help="start from this checkpoint's weights (a new run; a first convolution "
+                              "that reads more channels gets them at zero), unless --resume finds <out>/last.pt"),
 ) -> None:
     """Train, checkpointing every epoch.
 
@@ -34,6 +36,8 @@ def train(
 
     if config not in CONFIGS:
         raise typer.BadParameter(f"unknown config {config!r}; choose one of {', '.join(CONFIGS)}")
+    if init is not None and not init.is_file():
+        raise typer.BadParameter(f"{init}: no such checkpoint; pass a training checkpoint (last.pt or epoch<N>.pt)")
     if threads:
         torch.set_num_threads(threads)
     out = out or Path("runs") / config
@@ -41,6 +45,9 @@ def train(
     trainer = Trainer(CONFIGS[config], data, out, device=device, weights=weights, pairs_dir=pairs)
     if resume and trainer.resume():
         typer.echo(f"resumed {out / 'last.pt'} at epoch {trainer.epoch}")
+    elif init is not None:
+        trainer.initialise(init)
+        typer.echo(f"started from the weights of {init}")
     trainer.fit(epochs, max_minutes)
 
 

@@ -59,6 +59,8 @@ class TrainConfig:
     # Train on pairs made afresh at each step (a new crop and reference view every draw) rather than on the
     # precomputed ones, which then serve validation only. On 2 CPU cores it doubles a step.
     online_pairs: bool = False
+    # The U-Net also reads a second reference's warped ab: where two references agree, the colour is likely right.
+    second_opinion: bool = False
     keep_epochs: bool = True  # a copy of each epoch's checkpoint (epoch<N>.pt), to pick the model from
     validation_every: int = 20  # every n-th photo (sorted) is held out
     seed: int = 0
@@ -113,10 +115,16 @@ CONFIGS = {
     "cpu-online": TrainConfig(
         name="cpu-online", size=160, width=32, epochs=8, lr=1e-4, decay_from=4, final_lr_fraction=0.1,
         online_pairs=True, schedule=((10**6, LossSpec(pixel="l2", colourfulness_weight=0.0)),)),
+    # cpu-online's epoch 8 given a second opinion (its first convolution widened, the new channels at zero) and
+    # fine-tuned 3 epochs on the precomputed pairs, whose two retrieved references per photo are each other's
+    # second opinion: python -m training train --config cpu-second --init runs/cpu-online/epoch8.pt --pairs runs/pairs-160
+    "cpu-second": TrainConfig(
+        name="cpu-second", size=160, width=32, epochs=3, lr=1e-4, decay_from=0, final_lr_fraction=0.1,
+        second_opinion=True, schedule=((10**6, LossSpec(pixel="l2", colourfulness_weight=0.0)),)),
     # The shipped recipe and width on a GPU, run by `training/device_job.sh`: online pairs, 60 epochs (about 7
     # times the training samples the shipped model saw); 160 px because the photos travel in the bundle.
     "gpu-online": TrainConfig(name="gpu-online", size=160, width=32, epochs=60, batch_size=16, decay_from=30,
-                              online_pairs=True),
+                              online_pairs=True, second_opinion=True),
     # The 0.1.0 model's recipe, kept for the ablation: L2 + relu2_2 perceptual, no semantic prior.
     "cpu-small-v1": TrainConfig(name="cpu-small-v1", size=160, width=32, epochs=12, perceptual_layers=9,
                                 semantic=False, schedule=((10**6, LossSpec(colourfulness_weight=0.0)),)),

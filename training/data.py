@@ -19,6 +19,7 @@ from PIL import Image
 
 from archivecolor.color import is_near_gray, normalise_ab, normalise_l, rgb_to_lab
 from archivecolor.imageio import is_image_path
+from archivecolor.models.layout import WARPED_AB
 from archivecolor.nets.correspondence import Correspondence
 from archivecolor.nets.unet import SEMANTIC_FEATURES
 from archivecolor.nets.vgg import VGGFeatures
@@ -146,9 +147,15 @@ class Batch:
     ab: torch.Tensor  # (B, 2, S, S) true ab/128
     semantic: list[torch.Tensor]  # the target's VGG features for the semantic prior, or empty
     retrieved: torch.Tensor  # (B,) bool: the reference is another photo
+    second: torch.Tensor | None = None  # (B, 2, S, S) a second reference's warped ab, for a second-opinion U-Net
+
+    def inputs(self) -> list[torch.Tensor]:
+        """What the U-Net reads after ``x``."""
+        return [*self.semantic, *([] if self.second is None else [self.second])]
 
     def flipped(self) -> Batch:
-        return Batch(self.x.flip(-1), self.ab.flip(-1), [f.flip(-1) for f in self.semantic], self.retrieved)
+        second = None if self.second is None else self.second.flip(-1)
+        return Batch(self.x.flip(-1), self.ab.flip(-1), [f.flip(-1) for f in self.semantic], self.retrieved, second)
 
 
 @dataclass
@@ -174,6 +181,16 @@ class PairCache:
 
     def photo_of(self, row: int) -> int:
         return row // self.per_photo
+
+    def second_of(self, row: int) -> int:
+        """The row whose warped ab is ``row``'s second opinion: another retrieved reference of the same photo
+        (the next one, the last wrapping to the first), or the row itself for a self reference, which
+        stands alone as a user's single chosen reference does."""
+        first = self.photo_of(row) * self.per_photo
+        k = row - first
+        if k == 0 or self.per_photo < 3:
+            return row
+        return first + (k % (self.per_photo - 1)) + 1
 
 
 @torch.no_grad()
@@ -257,19 +274,32 @@ class OnlinePairs:
         self.ranked = retrieval_ranks(views, [path in held_out for path in self.colour], vgg, device)
 
     @torch.no_grad()
-    def batch(self, photos: list[int], self_reference_rate: float, rng: random.Random, semantic: bool) -> Batch:
-        targets, references, retrieved = [], [], []
+    def batch(self, photos: list[int], self_reference_rate: float, rng: random.Random, semantic: bool,
+              second_opinion: bool = False) -> Batch:
+        """With ``second_opinion``, a retrieved pair also gets a second, different neighbour's warped ab; a self
+        pair its own (as a single chosen reference at inference)."""
+        targets, references, seconds, retrieved = [], [], [], []
         for i in photos:
             targets.append(crop_view(self.rgb[i], self.size, rng))
             if rng.random() < self_reference_rate:
                 references.append(augmented_view(self.rgb[i], self.size, rng))
+                seconds.append(references[-1])
                 retrieved.append(False)
+            elif second_opinion:
+                first, other = rng.sample(self.ranked[i][:5], 2)
+                references.append(crop_view(self.rgb[first], self.size, rng))
+                seconds.append(crop_view(self.rgb[other], self.size, rng))
+                retrieved.append(True)
             else:
                 references.append(crop_view(self.rgb[rng.choice(self.ranked[i][:5])], self.size, rng))
                 retrieved.append(True)
         l, ab = (t.to(self.device) for t in lab_batch(targets))
-        rl, rab = (t.to(self.device) for t in lab_batch(references))
         tf = self.vgg(l)[:5]
-        x = self.corr(l, *tf, *self.vgg(rl)[:5], rab)
+        x = self._warp(l, tf, references)
+        second = self._warp(l, tf, seconds)[:, WARPED_AB] if second_opinion else None
         features = list(tf[2:]) if semantic else []
-        return Batch(x, ab, features, torch.tensor(retrieved, device=self.device))
+        return Batch(x, ab, features, torch.tensor(retrieved, device=self.device), second)
+
+    def _warp(self, l: torch.Tensor, tf: list[torch.Tensor], references: list[np.ndarray]) -> torch.Tensor:
+        rl, rab = (t.to(self.device) for t in lab_batch(references))
+        return self.corr(l, *tf, *self.vgg(rl)[:5], rab)

@@ -121,7 +121,8 @@ class Trainer:
             self.online = OnlinePairs(photos, set(val_photos), config, self.vgg, self.device)
             assert [p.name for p in self.online.colour] == [self.pairs.meta[i * per]["photo"] for i in range(len(photo_split))]
         self.val_rows = [i * per + k for i, s in enumerate(photo_split) if s == "val" for k in range(1, per)]
-        self.model = ColorUNet(width=config.width, semantic=config.semantic).to(self.device)
+        self.model = ColorUNet(width=config.width, semantic=config.semantic,
+                               second_opinion=config.second_opinion).to(self.device)
         self.optimiser = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.epoch = 0
         self.history: list[dict] = []
@@ -150,6 +151,20 @@ class Trainer:
         tmp.replace(self.out / "last.pt")
         (self.out / "history.json").write_text(json.dumps(self.history, indent=2))
 
+    def initialise(self, checkpoint: Path) -> None:
+        """Start from another run's weights (epoch, optimiser and history start afresh). Where this U-Net's first
+        convolution reads more channels than the checkpoint's (a second opinion), the new channels start at
+        zero, so the network starts as the checkpoint's and learns to use them."""
+        state = load_checkpoint(checkpoint, self.device)["model"]
+        own = self.model.state_dict()
+        for name, tensor in state.items():
+            if name in own and own[name].shape != tensor.shape and own[name].dim() == 4 \
+                    and own[name].shape[1] > tensor.shape[1] and own[name].shape[0] == tensor.shape[0]:
+                wide = torch.zeros_like(own[name])
+                wide[:, : tensor.shape[1]] = tensor
+                state[name] = wide
+        self.model.load_state_dict(state)
+
     def resume(self) -> bool:
         path = self.out / "last.pt"
         if not path.exists():
@@ -177,7 +192,10 @@ class Trainer:
         photos = [cache.photo_of(r) for r in rows]
         semantic = [tensor(a, photos) for a in cache.semantic.values()] if self.config.semantic else []
         retrieved = torch.tensor([cache.meta[r]["kind"] == "retrieved" for r in rows], device=self.device)
-        return Batch(tensor(cache.x, rows), tensor(cache.ab, rows), semantic, retrieved)
+        second = None
+        if self.config.second_opinion:
+            second = tensor(cache.x, [cache.second_of(r) for r in rows])[:, WARPED_AB]
+        return Batch(tensor(cache.x, rows), tensor(cache.ab, rows), semantic, retrieved, second)
 
     def _features(self, rgb: torch.Tensor, deep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Channel-normalised perceptual features of RGB images: the configured layer, and relu5_1 if ``deep``."""
@@ -191,7 +209,7 @@ class Trainer:
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, ab_true = batch.x, batch.ab
-        ab_pred, _ = self.model(x, *batch.semantic)
+        ab_pred, _ = self.model(x, *batch.inputs())
         cfg = self.config
         spec = cfg.loss_at(self.epoch)
         if spec.pixel == "smooth_l1":
@@ -275,7 +293,8 @@ class Trainer:
                 sub = bar.add_task(f"epoch {self.epoch + 1}", total=len(rows) // self.config.batch_size)
                 for start in range(0, len(rows) - self.config.batch_size + 1, self.config.batch_size):
                     chunk = rows[start : start + self.config.batch_size]
-                    batch = (self.online.batch(chunk, self.config.self_reference_rate, random, self.config.semantic)
+                    batch = (self.online.batch(chunk, self.config.self_reference_rate, random, self.config.semantic,
+                                               self.config.second_opinion)
                              if self.online is not None else self._batch(self.pairs, chunk))
                     if random.random() < 0.5:
                         batch = batch.flipped()

@@ -23,6 +23,7 @@ class UNetGradCAM:
         from onnx import numpy_helper
         from torch import nn
 
+        from archivecolor.models.layout import SECOND_AB
         from archivecolor.models.store import widen_float16
         from archivecolor.nets.unet import SEMANTIC_FEATURES, ColorUNet
 
@@ -33,7 +34,7 @@ class UNetGradCAM:
         semantic = SEMANTIC_FEATURES[0][0] in inputs
         # The first convolution is the first projection (semantic prior) or the first encoder block.
         width = int(inits[convs[0].input[1]].shape[0]) // (4 if semantic else 1)
-        net = ColorUNet(width=width, semantic=semantic)
+        net = ColorUNet(width=width, semantic=semantic, second_opinion=SECOND_AB in inputs)
         modules = []
         for name, module in list(net.named_modules()):
             if isinstance(module, nn.BatchNorm2d):
@@ -51,14 +52,15 @@ class UNetGradCAM:
         self.torch = torch
         self.net = net.eval()
 
-    def __call__(self, x13: np.ndarray, semantic: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        """x13: (13, h, w) U-Net input; semantic: its target-feature inputs. Returns the (h, w) map in [0, 1]."""
+    def __call__(self, x13: np.ndarray, unet_inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """x13: (13, h, w) U-Net input; unet_inputs: its other inputs in graph order (``Prediction.unet_inputs``).
+        Returns the (h, w) map in [0, 1]."""
         torch = self.torch
         store: dict = {}
         hook = self.net.bottleneck.register_forward_hook(lambda m, i, o: store.update(act=o))
-        prior = [torch.from_numpy(f.astype(np.float32)) for f in (semantic or {}).values()]
+        extra = [torch.from_numpy(f.astype(np.float32)) for f in (unet_inputs or {}).values()]
         try:
-            ab, _ = self.net(torch.from_numpy(x13[None].astype(np.float32)), *prior)
+            ab, _ = self.net(torch.from_numpy(x13[None].astype(np.float32)), *extra)
             act = store["act"]
             (grad,) = torch.autograd.grad(ab.pow(2).sum(dim=1).sqrt().mean(), act)
         finally:

@@ -109,7 +109,7 @@ def write_figures(samples: list[Sample], scores: dict, methods: tuple[str, ...],
                       ("similarity conv2 (t→r)", p.x13[forward_map(2)]), ("similarity conv5 (t→r)", p.x13[forward_map(5)]),
                       ("round-trip similarity conv3", p.x13[round_trip_map(3)]), ("trust in reference", p.trust),
                       ("Grad-CAM (U-Net bottleneck)" if gradcam else "Grad-CAM: float U-Net only",
-                       gradcam(p.x13, p.semantic) if gradcam else np.zeros_like(p.trust)))
+                       gradcam(p.x13, p.unet_inputs) if gradcam else np.zeros_like(p.trust)))
             for col, (title, img) in enumerate(panels):
                 axes[row, col].imshow(img, cmap=None if img.ndim == 3 else "magma",
                                       vmin=None if img.ndim == 3 else 0, vmax=None if img.ndim == 3 else 1)

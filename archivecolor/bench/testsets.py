@@ -122,7 +122,7 @@ def run_bench(
     stage = {"decode": 0.0, "recombine": 0.0}
     samples: list[Sample] = []
     started = time.perf_counter()
-    k_needed = TOP_K if "top-k" in options.methods else 1
+    k_needed = max(TOP_K if "top-k" in options.methods else 1, models.references_wanted)
     side = options.size or DEFAULT_WORKING_SIZE  # --native: the run path's working size, recombined at full size
     networks = bool({"exemplar", "warp-only", "top-k"} & set(options.methods))
     for n, (path, group) in enumerate(items, 1):
@@ -148,7 +148,7 @@ def run_bench(
             ref_lab = np.dstack([refs[0].l[0, 0] * 100, refs[0].ab[0].transpose(1, 2, 0) * 128])
             sample.outputs["global"] = lab_rgb(sample.l, global_transfer(sample.l, ref_lab))
         if {"exemplar", "warp-only"} & set(options.methods):
-            pred = predict(models, l01, [refs[:1]], times, features)[0]
+            pred = predict(models, l01, [refs[: models.references_wanted]], times, features)[0]
             sample.prediction = pred
             t = time.perf_counter()
             sample.outputs["exemplar"] = recombine(sample.l, pred.ab, pred.l)

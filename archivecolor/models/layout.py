@@ -9,6 +9,7 @@ WARPED_AB = slice(1, 3)
 FORWARD_MAPS = slice(3, 8)
 ROUND_TRIP_MAPS = slice(8, 13)
 INPUT_CHANNELS = 13
+SECOND_AB = "second_ab"  # the U-Net input of a second reference's warped ab (a second-opinion U-Net)
 
 
 def forward_map(level: int) -> int:

@@ -52,7 +52,7 @@ def calibration_feeds(home: Path | None = None, backbone: str = DEFAULT_BACKBONE
         reference.features = reference.features or models.features_of(reference.l)
         prediction = predict(models, target.l, [[reference]])[0]
         features_feeds.append({"l": target.l})
-        unet_feeds.append({"x13": prediction.x13[None].astype(np.float32), **prediction.semantic})
+        unet_feeds.append({"x13": prediction.x13[None].astype(np.float32), **prediction.unet_inputs})
     return features_feeds, unet_feeds
 
 

@@ -1,14 +1,21 @@
-"""The colorization U-Net: L, warped ab and 10 similarity maps, plus the target's own VGG features, to ab."""
+"""The colorization U-Net: L, warped ab and 10 similarity maps, plus the target's own VGG features and a second
+reference's warped ab, to ab."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from archivecolor.models.layout import INPUT_CHANNELS, WARPED_AB
+from archivecolor.models.layout import INPUT_CHANNELS, SECOND_AB, WARPED_AB
 
 # The target's VGG features that the U-Net reads as a semantic prior: (name, channels, stride).
 SEMANTIC_FEATURES = (("tf3", 256, 4), ("tf4", 512, 8), ("tf5", 512, 16))
+SECOND_OPINION_CHANNELS = 3  # its a, b and how far it is from the first reference's warped ab
+
+
+def disagreement(warped_ab: torch.Tensor, second_ab: torch.Tensor) -> torch.Tensor:
+    """Per pixel, the ab distance (B, 1, H, W) between two references' warped colours (ab/128)."""
+    return (warped_ab - second_ab).pow(2).sum(dim=1, keepdim=True).add(1e-8).sqrt()
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -32,23 +39,30 @@ class ColorUNet(nn.Module):
     also the target's VGG activations relu3_3 (B, 256, H/4, W/4), relu4_3 (B, 512, H/8, W/8) and
     relu5_3 (B, 512, H/16, W/16), projected by 1×1 convolutions and added to the encoder at the
     matching scales, so the network knows what an object is where the reference does not match.
+    With ``second_opinion``, a last input ``second_ab`` (B, 2, H, W): the warped ab of a second reference (the
+    first's own where there is one reference). Two retrieved references that warp the same colour onto a pixel
+    are likely right there, and ones that disagree likely wrong: a far better sign of a wrong warped colour than
+    the similarity maps, which cannot tell a right match to an object of another colour. The first
+    convolution reads it with the distance between the two warps (16 channels instead of 13).
     Outputs: ab (B, 2, H, W), ab/128 in (-1, 1), and trust (B, 1, H, W) in (0, 1).
     The head predicts its own colour and a per-pixel trust in the warped reference colour, and
     blends the two: the network learns where the reference can be believed.
     """
 
-    def __init__(self, in_channels: int = INPUT_CHANNELS, width: int = 64, semantic: bool = True) -> None:
+    def __init__(self, in_channels: int = INPUT_CHANNELS, width: int = 64, semantic: bool = True,
+                 second_opinion: bool = False) -> None:
         super().__init__()
         w = width
         chans = (w, 2 * w, 4 * w, 8 * w)
         self.width = width
         self.semantic = semantic
+        self.second_opinion = second_opinion
         if semantic:
             # Registered first because forward() runs them first: module order is graph order (Grad-CAM relies on it).
             # Added to encoder level 2 (stride 4), level 3 (stride 8) and the bottleneck input (stride 16).
             self.proj = nn.ModuleList(_projection(c, out) for (_, c, _), out in zip(SEMANTIC_FEATURES, chans[2:] + chans[3:]))
         self.enc = nn.ModuleList()
-        cin = in_channels
+        cin = in_channels + (SECOND_OPINION_CHANNELS if second_opinion else 0)
         for c in chans:
             self.enc.append(_block(cin, c))
             cin = c
@@ -63,12 +77,21 @@ class ColorUNet(nn.Module):
             cin = c
         self.head = nn.Conv2d(chans[0], 3, 1)
 
-    def forward(self, x: torch.Tensor, *semantic: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.semantic and len(semantic) != len(SEMANTIC_FEATURES):
-            raise ValueError(f"this U-Net needs the target features {[n for n, _, _ in SEMANTIC_FEATURES]}")
+    def input_names(self) -> list[str]:
+        """What forward() reads, in order (the ONNX graph's input names)."""
+        semantic = [name for name, _, _ in SEMANTIC_FEATURES] if self.semantic else []
+        return ["x13", *semantic, *([SECOND_AB] if self.second_opinion else [])]
+
+    def forward(self, x: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(inputs) != len(self.input_names()) - 1:
+            raise ValueError(f"this U-Net reads {self.input_names()}")
+        semantic = inputs[: len(SEMANTIC_FEATURES)] if self.semantic else ()
         prior = [proj(f) for proj, f in zip(self.proj, semantic)] if self.semantic else []
         skips = []
         h = x
+        if self.second_opinion:
+            second = inputs[-1]
+            h = torch.cat([x, second, disagreement(x[:, WARPED_AB], second)], dim=1)
         for level, block in enumerate(self.enc):
             h = block(h)
             if prior and level >= 2:
