@@ -112,6 +112,7 @@ def test_gradcam_rebuilds_the_shipped_unet_exactly(models_home):
     import onnxruntime as ort
     import torch
 
+    from archivecolor.models.layout import SECOND_AB
     from archivecolor.nets.unet import SEMANTIC_FEATURES
 
     path = models_home / "models" / "unet.onnx"
@@ -119,13 +120,16 @@ def test_gradcam_rebuilds_the_shipped_unet_exactly(models_home):
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (13, 64, 96)).astype(np.float32)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    semantic = {name: rng.uniform(0, 4, (1, channels, 64 // stride, 96 // stride)).astype(np.float32)
-                for name, channels, stride in SEMANTIC_FEATURES if name in {i.name for i in session.get_inputs()}}
-    expected = session.run(["ab"], {"x13": x[None], **semantic})[0]
+    names = {i.name for i in session.get_inputs()}
+    extra = {name: rng.uniform(0, 4, (1, channels, 64 // stride, 96 // stride)).astype(np.float32)
+             for name, channels, stride in SEMANTIC_FEATURES if name in names}
+    if SECOND_AB in names:  # another reference's warp: the shipped model reads a second opinion
+        extra[SECOND_AB] = rng.uniform(-0.5, 0.5, (1, 2, 64, 96)).astype(np.float32)
+    expected = session.run(["ab"], {"x13": x[None], **extra})[0]
     with torch.no_grad():
-        got = cam.net(torch.from_numpy(x[None]), *(torch.from_numpy(f) for f in semantic.values()))[0].numpy()
+        got = cam.net(torch.from_numpy(x[None]), *(torch.from_numpy(f) for f in extra.values()))[0].numpy()
     assert np.abs(got - expected).max() < 1e-4
-    heat = cam(x, semantic)
+    heat = cam(x, extra)
     assert heat.shape == (64, 96) and heat.max() == pytest.approx(1.0) and heat.min() >= 0
 
 
