@@ -283,7 +283,6 @@ class OnlinePairs:
             targets.append(crop_view(self.rgb[i], self.size, rng))
             if rng.random() < self_reference_rate:
                 references.append(augmented_view(self.rgb[i], self.size, rng))
-                seconds.append(references[-1])
                 retrieved.append(False)
             elif second_opinion:
                 first, other = rng.sample(self.ranked[i][:5], 2)
@@ -296,7 +295,12 @@ class OnlinePairs:
         l, ab = (t.to(self.device) for t in lab_batch(targets))
         tf = self.vgg(l)[:5]
         x = self._warp(l, tf, references)
-        second = self._warp(l, tf, seconds)[:, WARPED_AB] if second_opinion else None
+        second = None
+        if second_opinion:
+            second = x[:, WARPED_AB].clone()
+            rows = [k for k, r in enumerate(retrieved) if r]  # only these need a second correspondence
+            if rows:
+                second[rows] = self._warp(l[rows], [f[rows] for f in tf], seconds)[:, WARPED_AB]
         features = list(tf[2:]) if semantic else []
         return Batch(x, ab, features, torch.tensor(retrieved, device=self.device), second)
 
