@@ -186,7 +186,7 @@ class Trainer:
         have a retrieved reference, of ``rows``."""
         rows = sorted(rows)
 
-        def tensor(array: np.ndarray, index: list[int]) -> torch.Tensor:
+        def tensor(array: np.ndarray, index: list[int] | tuple[list[int], slice]) -> torch.Tensor:
             return torch.from_numpy(np.asarray(array[index], dtype=np.float32)).to(self.device)
 
         photos = [cache.photo_of(r) for r in rows]
@@ -194,7 +194,8 @@ class Trainer:
         retrieved = torch.tensor([cache.meta[r]["kind"] == "retrieved" for r in rows], device=self.device)
         second = None
         if self.config.second_opinion:
-            second = tensor(cache.x, [cache.second_of(r) for r in rows])[:, WARPED_AB]
+            # Only the two warped-ab channels of those rows are read, not all 13.
+            second = tensor(cache.x, ([cache.second_of(r) for r in rows], WARPED_AB))
         return Batch(tensor(cache.x, rows), tensor(cache.ab, rows), semantic, retrieved, second)
 
     def _features(self, rgb: torch.Tensor, deep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
