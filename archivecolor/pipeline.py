@@ -17,7 +17,7 @@ import numpy as np
 from archivecolor.color import denormalise_ab, normalise_ab, normalise_l, rgb_to_lab
 from archivecolor.errors import ImageReadError
 from archivecolor.imageio import Scan, from_upright, read_image, to_upright
-from archivecolor.models.layout import FORWARD_MAPS, SECOND_AB, WARPED_AB
+from archivecolor.models.layout import FORWARD_MAPS, SECOND_AB, SEMANTIC_INPUTS, WARPED_AB
 from archivecolor.models.registry import DEFAULT_BACKBONE, features_name
 from archivecolor.models.session import ModelSession, open_precision, open_session, resolve_precision
 from archivecolor.models.weights import sha256_file
@@ -26,7 +26,6 @@ from archivecolor.upsample import box_mean, recombine, resize_plane, working_siz
 DEFAULT_WORKING_SIZE = 256
 FEATURE_MAPS = ("f1", "f2", "f3", "f4", "f5")
 EMBEDDING_OUTPUT = "embedding_gem"  # the retrieval embedding; the graph's other, embedding_avg, is the seed's
-SEMANTIC_INPUTS = {"tf3": 2, "tf4": 3, "tf5": 4}  # U-Net input name -> index into the target's features
 
 
 @dataclass

@@ -218,6 +218,43 @@ def test_model_path_runs_a_users_own_unet_and_records_its_hash(tmp_path, referen
     assert missing.exit_code == 2 and "nope.onnx: no such file" in missing.output
 
 
+def test_a_unet_without_semantic_prior_or_second_opinion_runs_from_model_path(tmp_path, reference, models_home):
+    """An earlier release's U-Net reads only the 13 channels: it runs, fed only what it reads, and its colours
+    are its own. A graph with an input the pipeline does not know is still refused, naming the fix."""
+    torch = pytest.importorskip("torch")
+    import onnx
+
+    from archivecolor.nets.unet import ColorUNet
+    from export.onnx_export import export_unet, to_float16_storage
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    Image.fromarray(gray_of(colour_photos(1, (128, 96))[0])).save(scans / "a.png")
+    torch.manual_seed(0)
+    plain = ColorUNet(width=8, semantic=False).eval()
+    own = tmp_path / "plain-unet.onnx"
+    onnx.save(to_float16_storage(export_unet(plain)), own)
+    assert [i.name for i in onnx.load(own).graph.input] == ["x13"]
+    outputs = {}
+    for name, extra in (("plain", ["--model-path", own]), ("installed", [])):
+        result = _run(scans, "--out", tmp_path / name, "--reference", reference, *extra)
+        assert result.exit_code == 0, result.output
+        outputs[name] = np.asarray(Image.open(tmp_path / name / "a.png"))
+    assert np.abs(outputs["plain"].astype(int) - outputs["installed"].astype(int)).max() > 2
+    doc = json.loads((tmp_path / "plain" / "a.png.json").read_text())
+    assert doc["models"]["unet"] == hashlib.sha256(own.read_bytes()).hexdigest()
+
+    graph = onnx.load(own)
+    graph.graph.input[0].name = "x14"
+    for node in graph.graph.node:
+        node.input[:] = ["x14" if n == "x13" else n for n in node.input]
+    other = tmp_path / "other-unet.onnx"
+    onnx.save(graph, other)
+    refused = _run(scans, "--out", tmp_path / "o", "--reference", reference, "--model-path", other)
+    assert refused.exit_code != 0 and "models pull --force" in refused.output and "other-unet.onnx" in refused.output
+    assert not (tmp_path / "o" / "a.png").exists()
+
+
 def test_tiff_compression_choices_give_the_same_pixels(tmp_path, reference, models_home):
     scans = tmp_path / "scans"
     scans.mkdir()

@@ -121,6 +121,12 @@ CONFIGS = {
     "cpu-second": TrainConfig(
         name="cpu-second", size=160, width=32, epochs=3, lr=1e-4, decay_from=0, final_lr_fraction=0.1,
         second_opinion=True, schedule=((10**6, LossSpec(pixel="l2", colourfulness_weight=0.0)),)),
+    # cpu-second's epoch 2 (the shipped model) carried on with online pairs, each retrieved pair drawing its
+    # second opinion from another neighbour: python -m training train --config cpu-second-online
+    # --init runs/cpu-second/epoch2.pt --pairs runs/pairs-160
+    "cpu-second-online": TrainConfig(
+        name="cpu-second-online", size=160, width=32, epochs=4, lr=6e-5, decay_from=1, final_lr_fraction=0.25,
+        online_pairs=True, second_opinion=True, schedule=((10**6, LossSpec(pixel="l2", colourfulness_weight=0.0)),)),
     # The shipped recipe and width on a GPU, run by `training/device_job.sh`: online pairs, 60 epochs (about 7
     # times the training samples the shipped model saw); 160 px because the photos travel in the bundle.
     "gpu-online": TrainConfig(name="gpu-online", size=160, width=32, epochs=60, batch_size=16, decay_from=30,

@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from archivecolor.errors import ModelNotFound, ProviderUnavailable, UsageError
-from archivecolor.models.layout import SECOND_AB
+from archivecolor.models.layout import OPTIONAL_INPUTS
 from archivecolor.models.registry import FLOAT16_MARK
 from archivecolor.models.store import InstalledModel, model_dir, read_manifest, verified_path, widen_float16
 from archivecolor.models.weights import sha256_bytes
@@ -125,7 +125,7 @@ def check_signature(name: str, path: Path, session: ort.InferenceSession) -> Non
         return
     inputs = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
-    optional = {SECOND_AB} if name == "unet" else set()  # a U-Net with or without a second opinion runs
+    optional = set(OPTIONAL_INPUTS.get(name, ()))
     if set(inputs) - optional != set(spec.inputs) - optional or not set(spec.outputs) <= set(outputs):
         raise ModelNotFound(f"{path}: inputs {inputs} and outputs {outputs} are not this version's "
                             f"({list(spec.inputs)} -> {list(spec.outputs)}); run `archivecolor models pull --force`")

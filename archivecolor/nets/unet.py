@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from archivecolor.models.layout import INPUT_CHANNELS, SECOND_AB, WARPED_AB
+from archivecolor.models.layout import INPUT_CHANNELS, SECOND_AB, SEMANTIC_INPUTS, WARPED_AB
 
 # The target's VGG features that the U-Net reads as a semantic prior: (name, channels, stride).
-SEMANTIC_FEATURES = (("tf3", 256, 4), ("tf4", 512, 8), ("tf5", 512, 16))
+SEMANTIC_FEATURES = tuple(zip(SEMANTIC_INPUTS, (256, 512, 512), (4, 8, 16)))
 SECOND_OPINION_CHANNELS = 3  # its a, b and how far it is from the first reference's warped ab
 # The first convolution's weights for those channels start at zero on a trained network. Scaling the channels
 # up lets Adam's steps of about the learning rate move them as fast as a fresh layer's: unscaled, they
