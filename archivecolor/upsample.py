@@ -17,9 +17,19 @@ from archivecolor.color import lab_to_rgb_keep_l
 FRAME_DARK_L = 18.0
 FRAME_BRIGHT_L = 92.0
 FRAME_MAX_FRACTION = 0.3  # a band deeper than this is picture, not frame
+# A frame runs along its whole side at about one depth; a dark or bright part of the picture that touches the
+# border (night sky, snow, a white wall) does neither. So a side has a frame when FRAME_MIN_COVERAGE of its
+# lines start with a band at least a pixel deep; that band's depth (the depth those lines all reach) must be at
+# most FRAME_MAX_DEPTH of the side, and a line's band is cut at FRAME_DEPTH_SPREAD × that depth (plus two
+# pixels), where most lines must end: chipped plate edges are kept, picture that continues the band's tone is not.
+FRAME_MIN_COVERAGE = 0.8
+FRAME_MAX_DEPTH = 0.15
+FRAME_DEPTH_SPREAD = 2.0
 FRAME_DETECT_SIDE = 1024
 # Film rebates and plate edges of any tone: lines along a side that are uniform (L spread under
-# BAND_MAX_STD over their central 80%) and differ from the picture next to them by BAND_CONTRAST.
+# BAND_MAX_STD over their central 80%) and differ from the picture next to them by BAND_CONTRAST, along a
+# straight edge: most pixels of the first picture line differ (a sky is uniform too, but the line below it is
+# still mostly sky).
 BAND_MAX_STD = 6.0
 BAND_CONTRAST = 8.0
 BAND_MAX_FRACTION = 0.05
@@ -125,8 +135,28 @@ def _uniform_band_depth(lines: np.ndarray) -> int:
         depth += 1
     if depth == 0 or depth >= h - 1:
         return 0
+    band = level[:depth].mean()
     inner = level[depth : depth + max(2, depth)].mean()
-    return depth if abs(level[:depth].mean() - inner) >= BAND_CONTRAST else 0
+    stepped = np.mean(np.abs(core[min(depth + 1, h - 1)] - band) >= BAND_CONTRAST / 2)
+    return depth if abs(band - inner) >= BAND_CONTRAST and stepped >= 0.5 else 0
+
+
+def _frame_depths(runs: list[np.ndarray], lengths: list[int]) -> list[np.ndarray]:
+    """Per side, per line across it, how deep that side's frame reaches (0 where it has none), from ``runs``:
+    per side, how many extreme pixels each line starts with; ``lengths``: each side's line length."""
+    sides = []
+    for run, length in zip(runs, lengths):
+        depth = float(np.quantile(run, 1.0 - FRAME_MIN_COVERAGE))
+        cut = int(FRAME_DEPTH_SPREAD * depth) + 2
+        plausible = 1 <= depth <= FRAME_MAX_DEPTH * length
+        straight = np.mean(run <= cut) >= 0.5  # a frame's lines end within the cut; a sky's go on into the picture
+        sides.append((depth, cut, plausible, straight))
+    # A frame goes round the picture: a side whose band runs on into dark picture (black clothes against a black
+    # plate edge) is frame too where another side's band is straight and about as deep.
+    anchor = max((depth for depth, _, plausible, straight in sides if plausible and straight), default=None)
+    around = FRAME_DEPTH_SPREAD * anchor + 2 if anchor is not None else 0.0
+    return [np.minimum(run, cut) if plausible and (straight or depth <= around) else np.zeros_like(run)
+            for run, (depth, cut, plausible, straight) in zip(runs, sides)]
 
 
 def frame_mask(l_low: np.ndarray) -> np.ndarray:
@@ -136,7 +166,7 @@ def frame_mask(l_low: np.ndarray) -> np.ndarray:
 
     A frame band is a run of near-black or near-white pixels (most of each 3×3 neighbourhood) that starts
     at the image border and goes straight inward, in rows from the left and right edges and in columns
-    from the top and bottom, no deeper than ``FRAME_MAX_FRACTION`` of the side. Such bands are kept
+    from the top and bottom, along most of its side and at about one depth (``_frame_depths``). Such bands are kept
     neutral: the network has no colour to give a black glass-plate edge or a white mount. So are
     uniform bands of any tone along a side (a film rebate, a plate's edge) that stand apart from the
     picture next to them (``_uniform_band_depth``).
@@ -146,14 +176,10 @@ def frame_mask(l_low: np.ndarray) -> np.ndarray:
     raw = (l_low <= FRAME_DARK_L) | (l_low >= FRAME_BRIGHT_L)  # one class: a white mount around a black plate edge
     # A pixel counts when most of its 3×3 neighbourhood is extreme: dust and scratches do not stop a band.
     extreme = box_mean(raw[..., None].astype(np.float32), 1)[..., 0] >= 0.6
-    for flags, transpose in ((extreme, False), (extreme.T, True)):
-        n = flags.shape[1]
-        limit = int(n * FRAME_MAX_FRACTION)
-        lead = np.minimum(_run_from_start(flags), limit)
-        trail = np.minimum(_run_from_start(flags[:, ::-1]), limit)
-        cols = np.arange(n)
-        band = (cols[None, :] < lead[:, None]) | (cols[None, :] >= n - trail[:, None])
-        mask |= band.T if transpose else band
+    views = [np.rot90(extreme, side) for side in range(4)]  # each side's edge is row 0
+    runs = [np.minimum(_run_from_start(view.T), int(view.shape[0] * FRAME_MAX_FRACTION)) for view in views]
+    for side, (view, depth) in enumerate(zip(views, _frame_depths(runs, [view.shape[0] for view in views]))):
+        mask |= np.rot90(np.arange(view.shape[0])[:, None] < depth[None, :], -side)
     for side in range(4):
         lines = np.rot90(l_low, side)  # the side's edge is row 0
         depth = _uniform_band_depth(lines)

@@ -82,3 +82,29 @@ def test_chroma_fades_in_from_a_frame_over_a_wider_band_than_from_the_image_edge
     assert 0.4 < column[20 + int(depth / 2)] < 0.6  # half way through the band, half the chroma
     assert column[20 + int(depth) + 1] == 1 and framed[h // 2, w // 2] == 1
     assert np.all(np.diff(column[20 : 20 + int(depth)]) >= 0)  # rises without a step
+
+
+def test_dark_or_bright_picture_at_the_border_is_not_a_frame_but_a_chipped_plate_edge_is():
+    """Black clothes, dark blinds and a white sky touch the border of these photos: no frame, so they keep
+    their chroma. Put inside a thin black plate edge whose depth wanders, each gets that edge masked all
+    round, and the dark picture next to the edge is not taken for more frame."""
+    from PIL import Image
+
+    from tests.conftest import data_dir
+
+    photos = [data_dir("imagenet-1k-samples") / "n02667093_abaya.jpg", data_dir("urban100") / "img_040.jpg",
+              data_dir("sun-hays80") / "inn_outdoor_sun_bqdcyxucavdyycwk.jpg"]
+    rng = np.random.default_rng(0)
+    for path in photos:
+        rgb = np.asarray(Image.open(path).convert("RGB").resize((256, 256), Image.BICUBIC))
+        lightness = rgb_to_lab(rgb)[..., 0].astype(np.float32)
+        assert upsample.frame_mask(lightness).mean() < 0.01, path.name
+        framed = np.pad(lightness, 10, constant_values=6.0)  # a black plate edge, 10 px ...
+        for side in range(4):  # ... chipped: 4 to 16 px deep along each side
+            view = np.rot90(framed, side)
+            depth = np.clip(10 + rng.integers(-6, 7, view.shape[1]), 4, 16)
+            for col, d in enumerate(depth):
+                view[:d, col] = 6.0 if d > 10 else view[:d, col]
+        mask = upsample.frame_mask(framed)
+        assert mask[:4].min() == 1 and mask[-4:].min() == 1 and mask[:, :4].min() == 1 and mask[:, -4:].min() == 1
+        assert mask[40:-40, 40:-40].max() == 0, path.name  # the picture's own dark parts keep their chroma
