@@ -309,8 +309,8 @@ def run(
     reference: Path = typer.Option(None, help="use this one colour reference for every scan"),
     mapping: Path = typer.Option(None, help="CSV with columns scan,reference chosen by hand"),
     top_k: int = typer.Option(1, "--top-k", help="retrieve this many references per scan. A U-Net with a second "
-                              "opinion takes at least two: the first gives the colours, the others say where to "
-                              "believe them; other U-Nets fuse them per pixel"),
+                              "opinion takes at least two: each gives the colours in one pass, the others saying "
+                              "where to believe them, and the passes are averaged; other U-Nets fuse them per pixel"),
     working_size: int = typer.Option(256, help="short side the model works at (multiple of 16)"),
     batch_size: int = typer.Option(0, help="scans per model batch; 0: auto (2 on the CPU, where larger "
                                            "batches only hold more memory; 4 on CUDA)"),

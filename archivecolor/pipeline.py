@@ -197,10 +197,11 @@ class Prediction:
     ab: np.ndarray  # (h, w, 2) CIELAB a, b
     l: np.ndarray  # (h, w) CIELAB L, the guide
     trust: np.ndarray  # (h, w) in (0, 1): how much the reference colour was believed
-    x13: np.ndarray  # (13, h, w) the U-Net input (warped ab and similarity maps)
-    chosen: np.ndarray  # (h, w) index of the reference whose warp x13 holds at each pixel
+    x13: np.ndarray  # (13, h, w) the U-Net input (warped ab and similarity maps) of the first reference's turn
+    shares: list[float]  # per reference, its share of the colour
     similarity: list[float]  # per reference, mean target→reference similarity
-    # The U-Net's other inputs in graph order, each (1, C, h', w'): target features, a second opinion.
+    # The U-Net's other inputs in graph order, each (1, C, h', w'), of the first reference's turn: target
+    # features, a second opinion.
     unet_inputs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
@@ -216,11 +217,14 @@ class StageTimes:
         self.unet += other.unet
 
 
-def first_and_second(candidates: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """For a second-opinion U-Net: the first reference's 13-channel input, and the second opinion's warped ab
-    (2, h, w): the other references' (fused per pixel), or the first's own when it is alone."""
-    others, _ = fuse(candidates[1:] or candidates[:1])
-    return candidates[0], others[WARPED_AB]
+def turns(candidates: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For a second-opinion U-Net: each reference in turn gives the colours (its 13-channel input) and the
+    others, fused per pixel, are its second opinion (their warped ab, (2, h, w)); a reference alone is its own.
+    Averaging the turns uses every reference's colours: on the validation pairs, 0.09 dB above the first
+    reference's turn alone (model card)."""
+    if len(candidates) == 1:
+        return [(candidates[0], candidates[0][WARPED_AB])]
+    return [(first, fuse(candidates[:k] + candidates[k + 1 :])[0][WARPED_AB]) for k, first in enumerate(candidates)]
 
 
 def fuse(candidates: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -246,7 +250,7 @@ def predict(models: Models, l_batch: np.ndarray, references: list[list[Reference
     t0 = time.perf_counter()
     feats = (features or models.target_features(l_batch)).maps
     t1 = time.perf_counter()
-    inputs, seconds, chosen, sims = [], [], [], []
+    inputs, seconds, owners, shares, sims = [], [], [], [], []  # owners: the target of each U-Net row
     for i, refs in enumerate(references):
         target = [f[i : i + 1] for f in feats]
         candidates = []
@@ -255,18 +259,21 @@ def predict(models: Models, l_batch: np.ndarray, references: list[list[Reference
             feeds.update({f"tf{k + 1}": target[k] for k in range(5)})
             feeds.update({f"rf{k + 1}": ref.features[k] for k in range(5)})
             candidates.append(models.correspondence.run(feeds)[0][0])
-        if models.second_opinion:  # the first reference gives the colours, the others say where to believe them
-            first, second = first_and_second(candidates)
-            inputs.append(first)
-            seconds.append(second)
-            chosen.append(np.zeros(first.shape[-2:], dtype=np.int64))
+        if models.second_opinion:  # where the references agree, their colour is likely right
+            for first, second in turns(candidates):
+                inputs.append(first)
+                seconds.append(second)
+                owners.append(i)
+            shares.append([1.0 / len(candidates)] * len(candidates))
         else:
             fused, pick = fuse(candidates)
             inputs.append(fused)
-            chosen.append(pick)
+            owners.append(i)
+            shares.append([float((pick == k).mean()) for k in range(len(candidates))])
         sims.append([float(c[FORWARD_MAPS].mean()) for c in candidates])
     x = np.stack(inputs).astype(np.float32)
-    extra = {name: feats[SEMANTIC_INPUTS[name]] for name in models.semantic_inputs()}
+    owners = np.asarray(owners)
+    extra = {name: feats[SEMANTIC_INPUTS[name]][owners] for name in models.semantic_inputs()}
     if seconds:
         extra[SECOND_AB] = np.stack(seconds).astype(np.float32)
     t2 = time.perf_counter()
@@ -275,11 +282,14 @@ def predict(models: Models, l_batch: np.ndarray, references: list[list[Reference
     times.features += t1 - t0
     times.correspondence += t2 - t1
     times.unet += t3 - t2
-    return [
-        Prediction(denormalise_ab(ab[i].transpose(1, 2, 0)), l_batch[i, 0] * 100.0, trust[i, 0], x[i], chosen[i], sims[i],
-                   {name: f[i : i + 1] for name, f in extra.items()})
-        for i in range(len(references))
-    ]
+    predictions = []
+    for i in range(len(references)):
+        rows = np.flatnonzero(owners == i)
+        first = rows[0]
+        predictions.append(Prediction(
+            denormalise_ab(ab[rows].mean(axis=0).transpose(1, 2, 0)), l_batch[i, 0] * 100.0, trust[rows, 0].mean(axis=0),
+            x[first], shares[i], sims[i], {name: f[first : first + 1] for name, f in extra.items()}))
+    return predictions
 
 
 def working_l(upright: np.ndarray, short_side: int) -> np.ndarray:

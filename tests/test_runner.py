@@ -315,8 +315,9 @@ def test_retrieval_from_the_scans_own_pass_is_what_catalog_search_finds(scans, t
 
 
 def test_a_second_opinion_unet_gets_the_next_reference_and_records_it(tmp_path, models_home):
-    """A U-Net that reads `second_ab` is given the second-best retrieved reference even at --top-k 1; the
-    sidecar names it as a second opinion; one reference alone is its own second opinion."""
+    """A U-Net that reads `second_ab` is given the second-best retrieved reference even at --top-k 1. Each
+    reference takes a turn giving the colours with the other as its second opinion, and the turns are
+    averaged, so the sidecar gives each half the colour; one reference alone is its own second opinion."""
     torch = pytest.importorskip("torch")
     import onnx
 
@@ -349,8 +350,8 @@ def test_a_second_opinion_unet_gets_the_next_reference_and_records_it(tmp_path, 
     assert result.status == "done"
     doc = json.loads((tmp_path / "out" / "a.png.json").read_text())
     jsonschema.validate(doc, load_schema())
-    assert [r["role"] for r in doc["references"]] == ["colours", "second opinion"]
-    assert [r["share"] for r in doc["references"]] == [1.0, 0.0]
+    assert [r["role"] for r in doc["references"]] == ["colours", "colours"]
+    assert [r["share"] for r in doc["references"]] == [0.5, 0.5]
     assert doc["references"][0]["similarity"] >= doc["references"][1]["similarity"]
 
     models = Models.open("cpu", models_home, unet_path=own, precision="fp32")
@@ -367,6 +368,12 @@ def test_a_second_opinion_unet_gets_the_next_reference_and_records_it(tmp_path, 
     # ... the second reference's warp is the network's second opinion, and changes what it makes of them
     np.testing.assert_array_equal(other.unet_inputs[SECOND_AB][0], predict(models, l, [[second]])[0].x13[1:3])
     assert (alone.ab != other.ab).any()
+    swapped = predict(models, l, [[second, first]])[0]  # the other turn first: the same average
+    np.testing.assert_allclose(swapped.ab, other.ab, atol=1e-4)
+    assert swapped.shares == other.shares == [0.5, 0.5]
     with torch.no_grad():
-        expected = unet(torch.from_numpy(other.x13[None]), *map(torch.from_numpy, other.unet_inputs.values()))[0]
-    assert np.abs(expected[0].numpy().transpose(1, 2, 0) * 128 - other.ab).max() < 1.0  # float16 storage
+        turn = [unet(torch.from_numpy(p.x13[None]), *map(torch.from_numpy, p.unet_inputs.values()))[0][0]
+                for p in (other, swapped)]
+    expected = (turn[0] + turn[1]).numpy().transpose(1, 2, 0) * 64
+    assert np.abs(expected - other.ab).max() < 1.0  # float16 storage
+    assert np.abs(turn[0].numpy().transpose(1, 2, 0) * 128 - other.ab).max() > 2.0  # not the first turn alone
