@@ -572,8 +572,10 @@ def write_outputs(ctx: RunContext, job: _Job, prediction: Prediction, loaded: li
             warnings.append(f"reference {chosen['path']} changed since it was indexed; the sha256 recorded is of the "
                             f"file as read; re-run `archivecolor index` to update the catalogue")
         share = prediction.shares[k]
+        # A fused reference that wins no pixel still offered its colours; only a second opinion is read for agreement.
+        role = "second opinion" if ctx.models.second_opinion and share == 0 else "colours"
         refs.append(dict(chosen, sha256=ref.sha256 or chosen["sha256"], share=round(share, 4),
-                         match=round(prediction.similarity[k], 4), role="colours" if share > 0 else "second opinion"))
+                         match=round(prediction.similarity[k], 4), role=role))
     models, parameters = ctx.models, ctx.options.parameters() | {"batch_size": ctx.options.batch_size,
                                                                    "jobs": ctx.options.jobs}
     digest = record_digest(job.sha256, refs, models.hashes(), models.backbone, models.provider, parameters)

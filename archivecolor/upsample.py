@@ -28,8 +28,8 @@ FRAME_DEPTH_SPREAD = 2.0
 FRAME_DETECT_SIDE = 1024
 # Film rebates and plate edges of any tone: lines along a side that are uniform (L spread under
 # BAND_MAX_STD over their central 80%) and differ from the picture next to them by BAND_CONTRAST, along a
-# straight edge: most pixels of the first picture line differ (a sky is uniform too, but the line below it is
-# still mostly sky).
+# straight edge: most pixels of the picture line just inside the band differ (a sky is uniform too, but the
+# line below it is still mostly sky).
 BAND_MAX_STD = 6.0
 BAND_CONTRAST = 8.0
 BAND_MAX_FRACTION = 0.05
