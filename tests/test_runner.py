@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import os
+from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -243,6 +244,21 @@ def test_a_unet_without_semantic_prior_or_second_opinion_runs_from_model_path(tm
     assert np.abs(outputs["plain"].astype(int) - outputs["installed"].astype(int)).max() > 2
     doc = json.loads((tmp_path / "plain" / "a.png.json").read_text())
     assert doc["models"]["unet"] == hashlib.sha256(own.read_bytes()).hexdigest()
+
+    # Two retrieved references fused per pixel: the scan's own colours match best everywhere; the other photo
+    # offered colours too (role "colours", share 0), for this U-Net reads no second opinion.
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    photos = colour_photos(3, (128, 96))
+    Image.fromarray(photos[0]).save(refs / "own.png")
+    Image.fromarray(photos[2]).save(refs / "other.png")
+    db = tmp_path / "cat.sqlite"
+    index_references(refs, db, home=models_home)
+    result = _run(scans, "--out", tmp_path / "fused", "--catalog", db, "--top-k", "2", "--model-path", own)
+    assert result.exit_code == 0, result.output
+    fused = json.loads((tmp_path / "fused" / "a.png.json").read_text())["references"]
+    assert [Path(r["path"]).name for r in fused] == ["own.png", "other.png"]
+    assert [r["share"] for r in fused] == [1.0, 0.0] and [r["role"] for r in fused] == ["colours", "colours"]
 
     graph = onnx.load(own)
     graph.graph.input[0].name = "x14"
