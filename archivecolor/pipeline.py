@@ -248,7 +248,8 @@ def predict(models: Models, l_batch: np.ndarray, references: list[list[Reference
     """
     times = times if times is not None else StageTimes()
     t0 = time.perf_counter()
-    feats = (features or models.target_features(l_batch)).maps
+    targets = features or models.target_features(l_batch)
+    feats = targets.maps
     t1 = time.perf_counter()
     inputs, seconds, owners, shares, sims = [], [], [], [], []  # owners: the target of each U-Net row
     for i, refs in enumerate(references):
@@ -273,7 +274,8 @@ def predict(models: Models, l_batch: np.ndarray, references: list[list[Reference
         sims.append([float(c[FORWARD_MAPS].mean()) for c in candidates])
     x = np.stack(inputs).astype(np.float32)
     owners = np.asarray(owners)
-    extra = {name: feats[SEMANTIC_INPUTS[name]][owners] for name in models.semantic_inputs()}
+    rows_maps = targets.select(owners.tolist()).maps  # one row per U-Net pass; no copy with one pass a target
+    extra = {name: rows_maps[SEMANTIC_INPUTS[name]] for name in models.semantic_inputs()}
     if seconds:
         extra[SECOND_AB] = np.stack(seconds).astype(np.float32)
     t2 = time.perf_counter()
