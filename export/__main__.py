@@ -19,6 +19,9 @@ def main(
     calibration_photos: Path = typer.Option(
         None, "--calibration-photos", help="rewrite the packaged int8 calibration photos from this folder of "
         "Prokudin-Gorskii colour reconstructions (../shared/data/prokudin-gorskii/colour)"),
+    chroma_gain: float = typer.Option(
+        1.0, min=0.5, max=2.0, help="scale the U-Net's output ab by this (chosen on validation photos: bolder "
+        "colour for some PSNR; the model card gives the shipped model's)"),
 ) -> None:
     """Export VGG templates, the correspondence and (with --checkpoint) the U-Net.
 
@@ -40,7 +43,7 @@ def main(
                                  param_hint="--graph")
     if graphs == ("unet",) and checkpoint is None:
         raise typer.BadParameter("exporting only the U-Net needs --checkpoint")
-    registry = export_all(checkpoint, graphs=graphs)
+    registry = export_all(checkpoint, graphs=graphs, chroma_gain=chroma_gain)
     for name, entry in registry["models"].items():
         typer.echo(f"{name:16} {entry['size']:>10,} B  {entry['sha256'][:12]}  {entry['file']}")
 

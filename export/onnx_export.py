@@ -16,7 +16,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from archivecolor.models.layout import SECOND_AB
+from archivecolor.models.layout import CHROMA_GAIN_PROP, SECOND_AB
 from archivecolor.models.registry import ASSET_DIR, WEIGHT_MARK
 from archivecolor.models.weights import sha256_bytes
 from archivecolor.nets.correspondence import Correspondence
@@ -67,7 +67,9 @@ def export_unet(unet: ColorUNet) -> onnx.ModelProto:
     if unet.second_opinion:
         args.append(torch.rand(1, 2, 64, 96))
         axes[SECOND_AB] = {0: "batch", 2: "height", 3: "width"}
-    return _to_model(unet.eval(), tuple(args), unet.input_names(), ["ab", "trust"], axes)
+    model = _to_model(unet.eval(), tuple(args), unet.input_names(), ["ab", "trust"], axes)
+    onnx.helper.set_model_props(model, {CHROMA_GAIN_PROP: repr(unet.chroma_gain)})
+    return model
 
 
 def strip_weights(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
@@ -114,9 +116,20 @@ def write_asset(model: onnx.ModelProto, name: str, kind: str, asset_dir: Path = 
 GRAPHS = ("features", "correspondence", "unet")
 
 
-def export_all(unet_checkpoint: Path | None, asset_dir: Path = ASSET_DIR, graphs: tuple[str, ...] = GRAPHS) -> dict:
+def load_unet(checkpoint: Path, chroma_gain: float = 1.0) -> tuple[ColorUNet, dict]:
+    """The U-Net of a training checkpoint (eval mode), its output ab scaled by ``chroma_gain``, and the checkpoint."""
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    config = ckpt["config"]
+    unet = ColorUNet(width=config["width"], semantic=config.get("semantic", False),
+                     second_opinion=config.get("second_opinion", False), chroma_gain=chroma_gain)
+    unet.load_state_dict(ckpt["model"], strict=True)
+    return unet.eval(), ckpt
+
+
+def export_all(unet_checkpoint: Path | None, asset_dir: Path = ASSET_DIR, graphs: tuple[str, ...] = GRAPHS,
+               chroma_gain: float = 1.0) -> dict:
     """Export the named ``graphs`` into ``asset_dir`` and update its ``registry.json``; the U-Net only
-    with a ``unet_checkpoint``.
+    with a ``unet_checkpoint``, its output ab scaled by ``chroma_gain``.
 
     Graphs left out stay byte for byte: leaving out ``features`` keeps catalogues built with it valid.
     """
@@ -140,15 +153,11 @@ def export_all(unet_checkpoint: Path | None, asset_dir: Path = ASSET_DIR, graphs
         registry["models"]["correspondence"] = write_asset(export_correspondence(), "correspondence", "correspondence",
                                                            asset_dir)
     if "unet" in graphs and unet_checkpoint is not None:
-        ckpt = torch.load(unet_checkpoint, map_location="cpu", weights_only=True)
-        semantic = ckpt["config"].get("semantic", False)
-        second_opinion = ckpt["config"].get("second_opinion", False)
-        unet = ColorUNet(width=ckpt["config"]["width"], semantic=semantic, second_opinion=second_opinion)
-        unet.load_state_dict(ckpt["model"], strict=True)
+        unet, ckpt = load_unet(unet_checkpoint, chroma_gain)
         model = to_float16_storage(export_unet(unet))
-        info = {"width": ckpt["config"]["width"], "epochs": ckpt["epoch"], "config": ckpt["config"]["name"],
-                "backbone": ckpt.get("backbone", "vgg16"), "float16_storage": True, "semantic": semantic,
-                "second_opinion": second_opinion}
+        info = {"width": unet.width, "epochs": ckpt["epoch"], "config": ckpt["config"]["name"],
+                "backbone": ckpt.get("backbone", "vgg16"), "float16_storage": True, "semantic": unet.semantic,
+                "second_opinion": unet.second_opinion, "chroma_gain": chroma_gain}
         registry["models"]["unet"] = write_asset(model, "unet", "colorizer", asset_dir, info)
     registry_path.write_text(json.dumps(registry, indent=2, sort_keys=True) + "\n")
     return registry

@@ -69,8 +69,20 @@ def test_train_resume_and_export(data_root, tmp_path):
     semantic = [rng.uniform(0, 4, (1, c, 48 // s, 64 // s)).astype(np.float32) for c, s in ((256, 4), (512, 8), (512, 16))]
     with torch.no_grad():
         expected = resumed.model.eval()(torch.from_numpy(x), *map(torch.from_numpy, semantic))[0].numpy()
-    got = session.run(["ab"], {"x13": x, "tf3": semantic[0], "tf4": semantic[1], "tf5": semantic[2]})[0]
+    feeds = {"x13": x, "tf3": semantic[0], "tf4": semantic[1], "tf5": semantic[2]}
+    got, trust = session.run(["ab", "trust"], feeds)
     assert np.abs(got - expected).max() < 5e-3  # float16 storage
+
+    # A chroma gain scales the colours the graph gives, and only them; the graph says which gain it has.
+    import onnx
+
+    from archivecolor.models.layout import CHROMA_GAIN_PROP
+
+    assert export_all(out / "last.pt", assets, graphs=("unet",), chroma_gain=1.25)["models"]["unet"]["chroma_gain"] == 1.25
+    data = widen_float16((assets / "unet.onnx").read_bytes())
+    assert {p.key: p.value for p in onnx.load_from_string(data).metadata_props}[CHROMA_GAIN_PROP] == "1.25"
+    bolder, same_trust = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(["ab", "trust"], feeds)
+    assert np.abs(bolder - 1.25 * got).max() < 1e-5 and np.array_equal(same_trust, trust)
 
 
 def test_histogram_distance_is_zero_for_the_same_colours_and_largest_for_gray():

@@ -23,18 +23,20 @@ class UNetGradCAM:
         from onnx import numpy_helper
         from torch import nn
 
-        from archivecolor.models.layout import SECOND_AB
+        from archivecolor.models.layout import CHROMA_GAIN_PROP, SECOND_AB
         from archivecolor.models.store import widen_float16
         from archivecolor.nets.unet import SEMANTIC_FEATURES, ColorUNet
 
-        graph = onnx.load_from_string(widen_float16(Path(unet_path).read_bytes())).graph
+        model = onnx.load_from_string(widen_float16(Path(unet_path).read_bytes()))
+        graph = model.graph
+        chroma_gain = float({p.key: p.value for p in model.metadata_props}.get(CHROMA_GAIN_PROP, 1.0))
         inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
         convs = [n for n in graph.node if n.op_type == "Conv"]
         inputs = [i.name for i in graph.input]
         semantic = SEMANTIC_FEATURES[0][0] in inputs
         # The first convolution is the first projection (semantic prior) or the first encoder block.
         width = int(inits[convs[0].input[1]].shape[0]) // (4 if semantic else 1)
-        net = ColorUNet(width=width, semantic=semantic, second_opinion=SECOND_AB in inputs)
+        net = ColorUNet(width=width, semantic=semantic, second_opinion=SECOND_AB in inputs, chroma_gain=chroma_gain)
         modules = []
         for name, module in list(net.named_modules()):
             if isinstance(module, nn.BatchNorm2d):

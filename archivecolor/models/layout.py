@@ -16,6 +16,8 @@ SEMANTIC_INPUTS = {"tf3": 2, "tf4": 3, "tf5": 4}
 # Inputs the pipeline feeds only to a graph that has them, so that a U-Net without a semantic prior or a
 # second opinion (an earlier release's, or a user's own export) still runs.
 OPTIONAL_INPUTS = {"unet": (*SEMANTIC_INPUTS, SECOND_AB)}
+# The metadata key of the U-Net graph's chroma gain (its output ab is scaled by it; absent means 1).
+CHROMA_GAIN_PROP = "archivecolor.chroma_gain"
 
 
 def forward_map(level: int) -> int:

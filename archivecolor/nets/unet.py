@@ -51,11 +51,16 @@ class ColorUNet(nn.Module):
     Outputs: ab (B, 2, H, W), ab/128 in (-1, 1), and trust (B, 1, H, W) in (0, 1).
     The head predicts its own colour and a per-pixel trust in the warped reference colour, and
     blends the two: the network learns where the reference can be believed.
+
+    ``chroma_gain`` scales the output ab (training leaves it at 1; the export sets it). An L2-trained network
+    gives the mean of the colours a thing may have, duller than any of them; a gain chosen on validation buys
+    colour back at a known cost in PSNR, and keeps neutral pixels neutral.
     """
 
     def __init__(self, in_channels: int = INPUT_CHANNELS, width: int = 64, semantic: bool = True,
-                 second_opinion: bool = False) -> None:
+                 second_opinion: bool = False, chroma_gain: float = 1.0) -> None:
         super().__init__()
+        self.chroma_gain = chroma_gain
         w = width
         chans = (w, 2 * w, 4 * w, 8 * w)
         self.width = width
@@ -111,4 +116,6 @@ class ColorUNet(nn.Module):
         out = self.head(h)
         trust = torch.sigmoid(out[:, 2:3])
         ab = trust * x[:, WARPED_AB] + (1.0 - trust) * torch.tanh(out[:, 0:2])
+        if self.chroma_gain != 1.0:
+            ab = self.chroma_gain * ab
         return ab, trust
