@@ -312,6 +312,10 @@ def run(
                               "opinion takes at least two: each gives the colours in one pass, the others saying "
                               "where to believe them, and the passes are averaged; other U-Nets fuse them per pixel"),
     working_size: int = typer.Option(256, help="short side the model works at (multiple of 16)"),
+    colour_strength: float = typer.Option(
+        1.0, "--colour-strength", help="scale the model's colours, 0 (gray) to 2: below 1 safer and duller, above "
+        "1 bolder and more often wrong (the shipped model already scales its own by 1.24; 0.8 "
+        "takes that back out)"),
     batch_size: int = typer.Option(0, help="scans per model batch; 0: auto (2 on the CPU, where larger "
                                            "batches only hold more memory; 4 on CUDA)"),
     provider: str = ProviderOpt,
@@ -347,7 +351,7 @@ def run(
                          format=format, tiff_compression=tiff_compression, overwrite=overwrite, dry_run=dry_run,
                          jobs=jobs, xmp_sidecar=xmp_sidecar, max_pixels=max_pixels, model_path=model_path,
                          engine=engine, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
-                         precision=precision)
+                         precision=precision, colour_strength=colour_strength)
     stop = {"asked": False}
 
     def on_sigint(signum, frame):  # noqa: ANN001 - signal handler signature

@@ -305,10 +305,12 @@ def target_l(scan: Scan, short_side: int) -> np.ndarray:
     return working_l(to_upright(scan.lightness(), scan.orientation), short_side)
 
 
-def render(scan: Scan, prediction: Prediction, lightness: np.ndarray | None = None) -> np.ndarray:
-    """Full-resolution RGB (stored orientation, the scan's bit depth) with the scan's own L."""
+def render(scan: Scan, prediction: Prediction, lightness: np.ndarray | None = None,
+           colour_strength: float = 1.0) -> np.ndarray:
+    """Full-resolution RGB (stored orientation, the scan's bit depth) with the scan's own L, the predicted
+    chroma scaled by ``colour_strength``."""
     lightness = scan.lightness() if lightness is None else lightness
-    ab_low = from_upright(prediction.ab, scan.orientation)
+    ab_low = from_upright(prediction.ab * np.float32(colour_strength), scan.orientation)
     l_low = from_upright(prediction.l, scan.orientation)
     dtype = np.uint16 if scan.bit_depth == 16 else np.uint8
     return recombine(lightness, ab_low, l_low, dtype)

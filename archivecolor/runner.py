@@ -85,6 +85,7 @@ LEDGER_NAME = ".archivecolor-ledger.sqlite"
 LOCK_NAME = ".archivecolor.lock"
 FORMATS = ("same", "tiff", "png", "jpeg")
 ENGINES = ("local", "ray")
+MAX_COLOUR_STRENGTH = 2.0
 _FORMAT_NAMES = {"tiff": "TIFF", "png": "PNG", "jpeg": "JPEG"}
 _XMP_FORMATS = {"JPEG", "PNG", "TIFF", "WEBP"}
 PENDING_PIXEL_LIMIT = 300_000_000  # decoded pixels held while waiting for a full batch
@@ -132,6 +133,8 @@ class RunOptions:
     # int8: the VGG features and U-Net from `models pull --int8` (needs an int8 catalogue); auto: the
     # catalogue's precision when retrieving from one, else int8 on the CPU where installed, else fp32
     precision: str = "auto"
+    # Scales the model's colours (its chroma), 0 to 2: under 1 safer and duller, over 1 bolder and more often wrong.
+    colour_strength: float = 1.0
 
     _PATHS = ("out", "catalog", "reference", "mapping", "home", "model_path")
 
@@ -150,13 +153,15 @@ class RunOptions:
                 "collection": self.collection, "reference": str(self.reference) if self.reference else None,
                 "mapping": str(self.mapping) if self.mapping else None, "engine": self.engine,
                 "model_path": str(self.model_path) if self.model_path else None,
-                "tiff_compression": self.tiff_compression, "precision": self.precision}
+                "tiff_compression": self.tiff_compression, "precision": self.precision,
+                "colour_strength": self.colour_strength}
 
     def ledger_parameters(self) -> dict:
         """The parameters that key the ledger: no paths, since the references are keyed by content."""
         mode = "fixed" if self.reference else "mapping" if self.mapping else "catalogue"
         return {"top_k": self.top_k, "working_size": self.working_size, "format": self.format,
-                "collection": self.collection, "references": mode, "tiff_compression": self.tiff_compression}
+                "collection": self.collection, "references": mode, "tiff_compression": self.tiff_compression,
+                "colour_strength": self.colour_strength}
 
     def check(self) -> None:
         if self.tiff_compression not in TIFF_COMPRESSIONS:
@@ -173,6 +178,9 @@ class RunOptions:
             raise UsageError(f"--engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
         if self.gpus_per_worker < 0:
             raise UsageError("--gpus-per-worker must be 0 or more")
+        if not 0.0 <= self.colour_strength <= MAX_COLOUR_STRENGTH:
+            raise UsageError(f"--colour-strength {self.colour_strength}: use 0 (gray) to {MAX_COLOUR_STRENGTH:g} "
+                             "(twice the model's colour); 1 is the model's own")
 
 
 def auto_batch_size(provider: str) -> int:
@@ -496,7 +504,7 @@ class RunContext:
 
         run_key = digest({"models": models.hashes(), **options.ledger_parameters()})
         output_key = digest({"models": models.hashes(), "working_size": options.working_size, "format": options.format,
-                             "tiff_compression": options.tiff_compression})
+                             "tiff_compression": options.tiff_compression, "colour_strength": options.colour_strength})
         options = replace(options, batch_size=options.batch_size or auto_batch_size(models.provider))
         return cls(scans_dir, out_dir, options, models, run_key, output_key)
 
@@ -562,7 +570,7 @@ def write_outputs(ctx: RunContext, job: _Job, prediction: Prediction, loaded: li
     """Render one prediction at full size and write the output, its XMP and its sidecar, each atomically."""
     t = time.perf_counter()
     scan = job.scan
-    rgb = render(scan, prediction)
+    rgb = render(scan, prediction, colour_strength=ctx.options.colour_strength)
     fmt = job.output_format
     icc, icc_warning = output_icc(scan.icc)
     warnings = list(scan.warnings) + ([icc_warning] if icc_warning else [])

@@ -393,3 +393,30 @@ def test_a_second_opinion_unet_gets_the_next_reference_and_records_it(tmp_path, 
     expected = (turn[0] + turn[1]).numpy().transpose(1, 2, 0) * 64
     assert np.abs(expected - other.ab).max() < 1.0  # float16 storage
     assert np.abs(turn[0].numpy().transpose(1, 2, 0) * 128 - other.ab).max() > 2.0  # not the first turn alone
+
+
+def test_colour_strength_scales_the_colours_keeps_the_lightness_and_redoes_the_file(tmp_path, reference, models_home):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    gray16 = gray_of(colour_photos(1, (192, 128))[0]).astype(np.uint16) * 257
+    tifffile.imwrite(scans / "a.tif", gray16)  # 16-bit: the output's chroma is not rounded to 8 bits
+    out = tmp_path / "out"
+    lab = {}
+    for strength in (1.0, 0.5, 0.0):
+        report = colorize_folder(scans, RunOptions(out=out, reference=reference, colour_strength=strength))
+        assert report.count("done") == 1  # another strength is another output, not an up-to-date one
+        lab[strength] = rgb_to_lab(tifffile.imread(out / "a.tif"))
+        assert json.loads((out / "a.tif.json").read_text())["parameters"]["colour_strength"] == strength
+    chroma = {s: np.hypot(v[..., 1], v[..., 2]) for s, v in lab.items()}
+    assert chroma[1.0].mean() > 5
+    assert chroma[0.5].mean() == pytest.approx(0.5 * chroma[1.0].mean(), rel=0.05)
+    assert chroma[0.0].max() < 0.5  # gray
+    for s in (0.5, 0.0):
+        assert np.abs(lab[s][..., 0] - lab[1.0][..., 0]).max() < 0.5  # the scan's own lightness throughout
+    again = colorize_folder(scans, RunOptions(out=out, reference=reference, colour_strength=0.0))
+    assert again.count("skipped") == 1
+    with pytest.raises(UsageError, match="--colour-strength 2.5: use 0 .gray. to 2"):
+        colorize_folder(scans, RunOptions(out=tmp_path / "bad", reference=reference, colour_strength=2.5))
+    assert not (tmp_path / "bad").exists()
+    result = _run(scans, "--out", tmp_path / "cli", "--reference", reference, "--colour-strength", "-1")
+    assert result.exit_code == 2 and "--colour-strength -1" in result.output
