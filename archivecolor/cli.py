@@ -491,6 +491,8 @@ def bench(
     model_path: Path = typer.Option(None, "--model-path", help="benchmark your own U-Net exported with `python -m "
                                                                "export` instead of the installed one"),
     lpips_net: str = typer.Option("alex", help="LPIPS backbone: alex or vgg"),
+    colour_strength: float = typer.Option(1.0, "--colour-strength", help="scale the model's colours as `run "
+                                          "--colour-strength` does, to measure the trade on your photos"),
     pairs: Path = typer.Option(None, help="He et al. demo folder (input/, res/, pairs.txt) for a side-by-side"),
     retrieval: bool = typer.Option(False, "--retrieval", help="time catalogue queries at 10k, 100k and 1M embeddings"),
     speed: Path = typer.Option(None, "--speed", help="time `run` on this folder of gray scans (scans/s, stages, peak RSS)"),
@@ -513,9 +515,12 @@ def bench(
         raise UsageError(f"{' and '.join(modes)}: one benchmark at a time; run them as separate commands")
     if speed is None and (reference is not None or top_k != 1 or working_size != 256 or repeat != 3 or batch_size):
         raise UsageError("--reference, --top-k, --working-size, --repeat and --batch-size only apply to --speed SCANS")
+    if retrieval and colour_strength != 1.0:
+        raise UsageError("--colour-strength does not apply to --retrieval")
     if speed is not None:
         options = {"catalog": catalog, "reference": reference, "top_k": top_k, "working_size": working_size,
-                   "provider": provider, "precision": precision, "model_path": model_path, "batch_size": batch_size}
+                   "provider": provider, "precision": precision, "model_path": model_path, "batch_size": batch_size,
+                   "colour_strength": colour_strength}
         result = run_speed(speed, options, repeat)
         table = Table("stage", "seconds", title=f"median of {repeat} runs: {result['median_scans_per_s']} scans/s, "
                                                 f"{result['median_seconds']} s, peak RSS {result['peak_rss_mb']} MB")
@@ -535,7 +540,8 @@ def bench(
         console.print(table)
         return
     if pairs is not None:
-        summary = run_pairs(pairs, out, provider, model_path=model_path, precision=precision)
+        summary = run_pairs(pairs, out, provider, model_path=model_path, precision=precision,
+                            colour_strength=colour_strength)
         for who in ("ours", "he2018"):
             if who in summary:
                 console.print(f"{who:7} colourfulness {summary[who]['colorfulness']:.2f}  "
@@ -548,7 +554,8 @@ def bench(
         raise UsageError(f"--lpips-net {lpips_net!r}: choose alex or vgg")
     options = BenchOptions(catalog=catalog, references=references, size=None if native else size,
                            methods=tuple(m.strip() for m in methods.split(",") if m.strip()), limit=limit, out=out,
-                           provider=provider, lpips_net=lpips_net, precision=precision, model_path=model_path)
+                           provider=provider, lpips_net=lpips_net, precision=precision, model_path=model_path,
+                           colour_strength=colour_strength)
     with _progress() as bar:
         task = bar.add_task("benchmark", total=None, rate="")
         report = run_bench(testsets, options, lambda n, total, name: bar.update(task, completed=n, total=total,

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from archivecolor.color import denormalise_ab, normalise_ab, normalise_l, rgb_to_lab
-from archivecolor.errors import ImageReadError
+from archivecolor.errors import ImageReadError, UsageError
 from archivecolor.imageio import Scan, from_upright, read_image, to_upright
 from archivecolor.models.layout import FORWARD_MAPS, SECOND_AB, SEMANTIC_INPUTS, WARPED_AB
 from archivecolor.models.registry import DEFAULT_BACKBONE, features_name
@@ -305,12 +305,22 @@ def target_l(scan: Scan, short_side: int) -> np.ndarray:
     return working_l(to_upright(scan.lightness(), scan.orientation), short_side)
 
 
+MAX_COLOUR_STRENGTH = 2.0
+
+
+def check_colour_strength(value: float) -> None:
+    """Refuse a ``--colour-strength`` outside 0 (gray) to ``MAX_COLOUR_STRENGTH``."""
+    if not 0.0 <= value <= MAX_COLOUR_STRENGTH:
+        raise UsageError(f"--colour-strength {value}: use 0 (gray) to {MAX_COLOUR_STRENGTH:g} (twice the model's "
+                         "colour); 1 is the model's own")
+
+
 def render(scan: Scan, prediction: Prediction, lightness: np.ndarray | None = None,
            colour_strength: float = 1.0) -> np.ndarray:
     """Full-resolution RGB (stored orientation, the scan's bit depth) with the scan's own L, the predicted
     chroma scaled by ``colour_strength``."""
     lightness = scan.lightness() if lightness is None else lightness
-    ab_low = from_upright(prediction.ab * np.float32(colour_strength), scan.orientation)
+    ab_low = from_upright(prediction.ab, scan.orientation)
     l_low = from_upright(prediction.l, scan.orientation)
     dtype = np.uint16 if scan.bit_depth == 16 else np.uint8
-    return recombine(lightness, ab_low, l_low, dtype)
+    return recombine(lightness, ab_low, l_low, dtype, colour_strength=colour_strength)

@@ -63,6 +63,7 @@ from archivecolor.pipeline import (
     ReferenceCache,
     StageTimes,
     TargetFeatures,
+    check_colour_strength,
     predict,
     read_colour_reference,
     render,
@@ -85,7 +86,6 @@ LEDGER_NAME = ".archivecolor-ledger.sqlite"
 LOCK_NAME = ".archivecolor.lock"
 FORMATS = ("same", "tiff", "png", "jpeg")
 ENGINES = ("local", "ray")
-MAX_COLOUR_STRENGTH = 2.0
 _FORMAT_NAMES = {"tiff": "TIFF", "png": "PNG", "jpeg": "JPEG"}
 _XMP_FORMATS = {"JPEG", "PNG", "TIFF", "WEBP"}
 PENDING_PIXEL_LIMIT = 300_000_000  # decoded pixels held while waiting for a full batch
@@ -178,9 +178,7 @@ class RunOptions:
             raise UsageError(f"--engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
         if self.gpus_per_worker < 0:
             raise UsageError("--gpus-per-worker must be 0 or more")
-        if not 0.0 <= self.colour_strength <= MAX_COLOUR_STRENGTH:
-            raise UsageError(f"--colour-strength {self.colour_strength}: use 0 (gray) to {MAX_COLOUR_STRENGTH:g} "
-                             "(twice the model's colour); 1 is the model's own")
+        check_colour_strength(self.colour_strength)
 
 
 def auto_batch_size(provider: str) -> int:

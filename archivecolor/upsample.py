@@ -235,17 +235,19 @@ def fade_in_from_edges(keep: np.ndarray) -> np.ndarray:
 
 def recombine(
     lightness: np.ndarray, ab_low: np.ndarray, l_low: np.ndarray, dtype: type = np.uint8, edge_aware: bool = True,
-    neutral_frames: bool = True,
+    neutral_frames: bool = True, colour_strength: float = 1.0,
 ) -> np.ndarray:
     """Full-resolution RGB from the original L and the model's low-resolution ab.
 
     lightness: (H, W) float32 L in [0, 100], the original scan's. ab_low: (h, w, 2) float32 CIELAB
     a, b at working size. l_low: (h, w) float32 L in [0, 100] at working size (the guide).
     neutral_frames: keep frames (``frame_mask``) free of chroma and fade chroma in from the edges of the
-    image and of the frames (``fade_in_from_edges``).
+    image and of the frames (``fade_in_from_edges``). colour_strength: scales the chroma (``run --colour-strength``).
     Returns (H, W, 3) ``dtype`` (uint8 or uint16) sRGB whose L equals ``lightness`` up to quantisation.
     """
     height, width = lightness.shape
+    if colour_strength != 1.0:
+        ab_low = ab_low * np.float32(colour_strength)
     if edge_aware:
         coef_a, coef_b = guided_coefficients(l_low / 100.0, ab_low)
         low = np.concatenate([coef_a, coef_b], axis=-1)

@@ -209,3 +209,28 @@ def test_speed_times_fresh_runs_with_stages_that_add_up(tmp_path, models_home):
     assert result["first_output_s"] > stages["open_models"]  # from the process's start: imports and models too
     with pytest.raises(UsageError, match="not a folder"):
         bench.run_speed(tmp_path / "none", {}, repeat=1)
+
+
+def test_colour_strength_in_the_benchmark_scales_the_exemplar_colours(tmp_path, models_home):
+    photos = colour_photos(4, (160, 120))
+    tests, refs = tmp_path / "tests", tmp_path / "refs"
+    tests.mkdir()
+    refs.mkdir()
+    for i in (0, 1):
+        Image.fromarray(photos[i]).save(tests / f"t{i}.png")
+    for i in (2, 3):
+        Image.fromarray(photos[i]).save(refs / f"r{i}.png")
+    reports = {}
+    for strength in (1.0, 0.0):
+        options = bench.BenchOptions(references=refs, size=128, methods=("gray", "exemplar"), out=tmp_path / str(strength),
+                                     home=models_home, figures=False, colour_strength=strength)
+        reports[strength] = bench.run_bench([tests], options)
+        assert reports[strength]["protocol"]["colour_strength"] == strength
+    assert reports[1.0]["methods"]["exemplar"]["colorfulness"]["mean"] > 5
+    gray, none = reports[0.0]["methods"]["gray"], reports[0.0]["methods"]["exemplar"]
+    assert none["colorfulness"]["mean"] < 0.5  # strength 0 is gray, through the same recombination
+    assert none["psnr"]["mean"] == pytest.approx(gray["psnr"]["mean"], abs=0.1)
+    with pytest.raises(UsageError, match="--colour-strength 3.0"):
+        bench.run_bench([tests], bench.BenchOptions(references=refs, out=tmp_path / "bad", home=models_home,
+                                                    colour_strength=3.0))
+    assert not (tmp_path / "bad").exists()

@@ -14,14 +14,16 @@ from archivecolor.color import lab_to_rgb, normalise_l, rgb_to_lab
 from archivecolor.errors import UsageError
 from archivecolor.imageio import read_image, to_upright
 from archivecolor.models.weights import sha256_file
-from archivecolor.pipeline import Models, predict, reference_from_lab, upright_lab
+from archivecolor.pipeline import Models, check_colour_strength, predict, reference_from_lab, upright_lab
 from archivecolor.upsample import recombine, resize_plane
 from archivecolor.upsample import working_size as fit_working_size
 
 
 def run_pairs(pairs_dir: Path, out: Path, provider: str = "auto", home: Path | None = None,
-              working_size: int = 256, model_path: Path | None = None, precision: str = "auto") -> dict:
+              working_size: int = 256, model_path: Path | None = None, precision: str = "auto",
+              colour_strength: float = 1.0) -> dict:
     """Colorize He et al.'s demo pairs with their given references; compare with their outputs in res/."""
+    check_colour_strength(colour_strength)
     listing = pairs_dir / "pairs.txt"
     if not listing.is_file():
         raise UsageError(f"{listing}: missing; pass a folder with input/, res/ and pairs.txt")
@@ -43,7 +45,7 @@ def run_pairs(pairs_dir: Path, out: Path, provider: str = "auto", home: Path | N
         reference = reference_from_lab(sha256_file(ref), ref_lab, working_size)
         reference.features = models.features_of(reference.l)
         pred = predict(models, normalise_l(l_low)[None, None], [[reference]])[0]
-        ours = recombine(lightness, pred.ab, pred.l)
+        ours = recombine(lightness, pred.ab, pred.l, colour_strength=colour_strength)
         row = {"target": parts[0], "reference": parts[1],
                "ours": {"colorfulness": colorfulness(ours), "ab_overlap": ab_histogram_overlap(rgb_to_lab(ours), ref_lab)}}
         their_img = None

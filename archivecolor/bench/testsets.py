@@ -30,6 +30,7 @@ from archivecolor.pipeline import (
     Prediction,
     ReferenceCache,
     StageTimes,
+    check_colour_strength,
     predict,
     working_l,
 )
@@ -53,6 +54,7 @@ class BenchOptions:
     figures: bool = True
     precision: str = "auto"
     model_path: Path | None = None  # a U-Net of one's own export instead of the installed one
+    colour_strength: float = 1.0  # scales the network's colours (exemplar, top-k), as `run --colour-strength`
 
 
 @dataclass
@@ -101,6 +103,7 @@ def run_bench(
     unknown = set(options.methods) - set(METHODS)
     if unknown:
         raise UsageError(f"--methods: unknown {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
+    check_colour_strength(options.colour_strength)
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     catalog_path = options.catalog
@@ -151,7 +154,7 @@ def run_bench(
             pred = predict(models, l01, [refs[: models.references_wanted]], times, features)[0]
             sample.prediction = pred
             t = time.perf_counter()
-            sample.outputs["exemplar"] = recombine(sample.l, pred.ab, pred.l)
+            sample.outputs["exemplar"] = recombine(sample.l, pred.ab, pred.l, colour_strength=options.colour_strength)
             stage["recombine"] += time.perf_counter() - t
             if "warp-only" in options.methods:  # the warp is at working size: bring its ab to the sample's
                 warp_ab = pred.x13[WARPED_AB].transpose(1, 2, 0) * 128
@@ -160,7 +163,7 @@ def run_bench(
                 sample.outputs["warp-only"] = lab_rgb(sample.l, warp_ab)
         if "top-k" in options.methods and len(refs) > 1:
             pred = predict(models, l01, [refs], times, features)[0]
-            sample.outputs["top-k"] = recombine(sample.l, pred.ab, pred.l)
+            sample.outputs["top-k"] = recombine(sample.l, pred.ab, pred.l, colour_strength=options.colour_strength)
         for m in list(sample.outputs):
             if m not in options.methods:
                 del sample.outputs[m]
@@ -215,7 +218,8 @@ def _report(samples, scores, options, models, elapsed, times, stage, cache, cata
     return {
         "schema_version": 1,
         "protocol": {"size": options.size or "native", "testsets": [str(t) for t in testsets],
-                     "catalog": str(catalog_path), "reference_excludes_self": True, "lpips_net": options.lpips_net},
+                     "catalog": str(catalog_path), "reference_excludes_self": True, "lpips_net": options.lpips_net,
+                     "colour_strength": options.colour_strength},
         "ground_truth": {"colorfulness": truth},
         "methods": methods,
         "paired_t_tests": tests,
