@@ -194,11 +194,44 @@ def test_online_pairs_are_fresh_views_with_real_references(data_root, tmp_path):
     assert first.retrieved.dtype == torch.bool
     both = online.batch(list(range(4)) * 4, 0.5, random.Random(3), semantic=False)
     assert both.retrieved.any() and not both.retrieved.all() and both.semantic == []
+    # Drawn in forked worker processes, the batches are the same as drawn here: each comes from its own seed.
+    chunks, seeds = [[0, 1, 2, 3], [3, 2, 1, 0], [1, 1, 2, 2]], [7, 8, 9]
+    here = list(online.batches(chunks, seeds, 0.5, True, second_opinion=True))
+    pooled = list(online.batches(chunks, seeds, 0.5, True, second_opinion=True, workers=2))
+    assert len(pooled) == 3 and not torch.equal(here[0].ab, here[1].ab)
+    for a, b in zip(here, pooled):
+        assert torch.equal(a.x, b.x) and torch.equal(a.ab, b.ab) and torch.equal(a.second, b.second)
+        assert torch.equal(a.retrieved, b.retrieved) and all(torch.equal(f, g) for f, g in zip(a.semantic, b.semantic))
     history = trainer.fit(1)
     assert np.isfinite(history[0]["val_psnr"]) and history[0]["train_loss"] > 0
 
 
-@pytest.mark.slow  # about a minute and a half: one epoch of the real gpu-online configuration on a CPU
+def test_a_run_fitted_to_its_time_scales_its_schedule_and_finishes_it(data_root, tmp_path):
+    from training.config import CONFIGS
+    from training.train import Trainer, load_checkpoint
+
+    config = CONFIGS["gpu-online"]
+    assert config.scaled_to(30).decay_from == 15 and config.scaled_to(30).epochs == 30
+    half = config.scaled_to(30)
+    assert half.lr_at(29) == pytest.approx(config.lr * config.final_lr_fraction)  # the decay still ends at the floor
+    assert half.lr_at(14) == config.lr
+
+    config = replace(config, size=48, width=8, batch_size=2, validation_every=4, epochs=20, decay_from=6)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "downloads").symlink_to(DOWNLOADS)
+    trainer = Trainer(config, data_root, out, device="cpu", workers=2)
+    # No time at all: the second epoch (the first warms up) shows that only one more fits, and the run still
+    # ends its schedule, with the decay scaled to it.
+    history = trainer.fit(max_minutes=0, fit_to_time=True)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert trainer.config.epochs == 3 and trainer.config.decay_from == 1
+    assert history[-1]["lr"] == pytest.approx(config.lr * config.final_lr_fraction)
+    saved = load_checkpoint(out / "last.pt")["config"]
+    assert saved["epochs"] == 3 and saved["decay_from"] == 1
+
+
+@pytest.mark.slow  # about two minutes: three epochs of the real gpu-online configuration on a CPU
 def test_the_device_job_trains_and_brings_back_a_model_that_exports(tmp_path, models_home):
     import os
     import subprocess
@@ -221,9 +254,11 @@ def test_the_device_job_trains_and_brings_back_a_model_that_exports(tmp_path, mo
     done = subprocess.run(["bash", str(ROOT / "training" / "device_job.sh"), str(out), "0"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "stopped after epoch 1" in (out / "train.log").read_text()  # --max-minutes 0: one epoch
+    assert "3 epochs fit in 0.0 minutes" in (out / "train.log").read_text()  # no time: the least run, 3 epochs
     history = json.loads((out / "history.json").read_text())
-    assert len(history) == 1 and history[0]["train_loss"] > 0
+    assert len(history) == 3 and history[0]["train_loss"] > 0
+    best = max(history, key=lambda h: h["val_psnr"])["epoch"]
+    assert torch.load(out / "best.pt", weights_only=True)["epoch"] == best
     slim = torch.load(out / "model.pt", weights_only=True)
     assert "optimiser" not in slim and slim["config"]["name"] == "gpu-online"
     assert (out / "model.pt").stat().st_size < (tmp_path / "run" / "last.pt").stat().st_size / 2

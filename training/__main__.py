@@ -25,6 +25,9 @@ def train(
     pairs: Path = typer.Option(None, help="precomputed pair folder to use or fill (default <out>/pairs-<size>)"),
     max_minutes: float = typer.Option(None, min=0, help="stop after the first epoch that ends past this many "
                                       "minutes (every epoch is checkpointed; --resume goes on)"),
+    fit_to_time: bool = typer.Option(False, "--fit-to-time", help="with --max-minutes: after the first epoch, "
+                                     "shorten the run to the epochs that fit and scale the learning-rate decay to them"),
+    workers: int = typer.Option(0, min=0, help="processes that draw online pairs ahead of the steps (0: none)"),
     init: Path = typer.Option(None, help="start from this checkpoint's weights (a new run; a first convolution "
                               "that reads more channels gets them at zero), unless --resume finds <out>/last.pt"),
 ) -> None:
@@ -42,13 +45,15 @@ def train(
         torch.set_num_threads(threads)
     out = out or Path("runs") / config
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(CONFIGS[config], data, out, device=device, weights=weights, pairs_dir=pairs)
+    if fit_to_time and max_minutes is None:
+        raise typer.BadParameter("--fit-to-time needs --max-minutes: the time to fit the run into")
+    trainer = Trainer(CONFIGS[config], data, out, device=device, weights=weights, pairs_dir=pairs, workers=workers)
     if resume and trainer.resume():
         typer.echo(f"resumed {out / 'last.pt'} at epoch {trainer.epoch}")
     elif init is not None:
         trainer.initialise(init)
         typer.echo(f"started from the weights of {init}")
-    trainer.fit(epochs, max_minutes)
+    trainer.fit(epochs, max_minutes, fit_to_time)
 
 
 @app.command()

@@ -8,6 +8,7 @@ as float16 memory maps. Training then only runs the U-Net.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -83,18 +84,22 @@ def augmented_view(rgb: np.ndarray, size: int, rng: random.Random) -> np.ndarray
     return np.asarray(im.resize((size, size), Image.BICUBIC))
 
 
+def lab_arrays(views: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Same-size uint8 RGB views (H, W, 3) to model-scale L (B, 1, H, W) and ab (B, 2, H, W), numpy only
+    (what a forked worker may run: no torch, whose thread pool does not survive a fork)."""
+    lab = rgb_to_lab(np.stack(views))
+    return normalise_l(lab[:, None, ..., 0]), np.ascontiguousarray(normalise_ab(lab[..., 1:]).transpose(0, 3, 1, 2))
+
+
 def lab_tensors(rgb: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 RGB (H, W, 3) to model-scale L (1, 1, H, W) and ab (1, 2, H, W)."""
-    lab = rgb_to_lab(rgb)
-    l = torch.from_numpy(normalise_l(lab[..., 0]))[None, None]
-    ab = torch.from_numpy(normalise_ab(lab[..., 1:]).transpose(2, 0, 1).copy())[None]
-    return l, ab
+    return lab_batch([rgb])
 
 
 def lab_batch(views: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """Same-size uint8 RGB views to model-scale L (B, 1, S, S) and ab (B, 2, S, S)."""
-    l, ab = zip(*(lab_tensors(view) for view in views))
-    return torch.cat(l), torch.cat(ab)
+    l, ab = lab_arrays(views)
+    return torch.from_numpy(l), torch.from_numpy(ab)
 
 
 def shrunk(im: Image.Image, short_side: int, resample: int = Image.BICUBIC) -> Image.Image:
@@ -248,11 +253,33 @@ def build_pairs(
     return PairCache.open(folder)
 
 
+@dataclass
+class Draw:
+    """The CPU half of an online batch: the views drawn for it, as model-scale L and ab arrays."""
+
+    l: np.ndarray  # (B, 1, S, S) the targets' L
+    ab: np.ndarray  # (B, 2, S, S) their true ab
+    reference_l: np.ndarray
+    reference_ab: np.ndarray
+    retrieved: list[bool]
+    second_l: np.ndarray | None  # (R, 1, S, S) a second reference for each of the R retrieved pairs, in order
+    second_ab: np.ndarray | None
+
+
+_WORKER_PAIRS: OnlinePairs | None = None  # the OnlinePairs whose photos a forked draw worker reads
+
+
+def _draw_in_worker(task: tuple[list[int], float, int, bool]) -> Draw:
+    photos, self_reference_rate, seed, second_opinion = task
+    return _WORKER_PAIRS.draw(photos, self_reference_rate, random.Random(seed), second_opinion)
+
+
 class OnlinePairs:
     """Pairs made afresh at every step on the training device, instead of read from a PairCache: each
     draw of a photo is a new random crop, and its reference a new view of itself or of one of its five
     nearest other photos. Far more variety than three fixed pairs per photo, at a price: on 2 CPU cores
     the VGG passes and the correspondence take about 3 s a batch of 8, as long as the step itself.
+    The draw (crops and Lab conversion, on the CPU) can run in worker processes, ahead of the steps.
 
     Photo indices are those of ``colour_photos_and_views`` (the same as a PairCache built from the same
     photos). ``held_out`` photos are never a reference.
@@ -273,11 +300,11 @@ class OnlinePairs:
             self.rgb.append(np.asarray(shrunk(Image.fromarray(rgb), short_side)))
         self.ranked = retrieval_ranks(views, [path in held_out for path in self.colour], vgg, device)
 
-    @torch.no_grad()
-    def batch(self, photos: list[int], self_reference_rate: float, rng: random.Random, semantic: bool,
-              second_opinion: bool = False) -> Batch:
-        """With ``second_opinion``, a retrieved pair also gets a second, different neighbour's warped ab; a self
-        pair its own (as a single chosen reference at inference)."""
+    def draw(self, photos: list[int], self_reference_rate: float, rng: random.Random,
+             second_opinion: bool = False) -> Draw:
+        """The views of one batch: per photo a random crop, and a new view of itself (at
+        ``self_reference_rate``) or of a near neighbour as its reference; with ``second_opinion``, a retrieved
+        pair also gets a second, different neighbour."""
         targets, references, seconds, retrieved = [], [], [], []
         for i in photos:
             targets.append(crop_view(self.rgb[i], self.size, rng))
@@ -292,18 +319,51 @@ class OnlinePairs:
             else:
                 references.append(crop_view(self.rgb[rng.choice(self.ranked[i][:5])], self.size, rng))
                 retrieved.append(True)
-        l, ab = (t.to(self.device) for t in lab_batch(targets))
+        second_l, second_ab = lab_arrays(seconds) if seconds else (None, None)
+        return Draw(*lab_arrays(targets), *lab_arrays(references), retrieved, second_l, second_ab)
+
+    @torch.no_grad()
+    def batch_of(self, draw: Draw, semantic: bool, second_opinion: bool = False) -> Batch:
+        """The device half: VGG features and the correspondence of a draw. With ``second_opinion``, a
+        retrieved pair gets its second neighbour's warped ab, a self pair its own (as a single chosen
+        reference at inference)."""
+        def tensor(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(array).to(self.device)
+
+        l = tensor(draw.l)
         tf = self.vgg(l)[:5]
-        x = self._warp(l, tf, references)
+        x = self._warp(l, tf, tensor(draw.reference_l), tensor(draw.reference_ab))
         second = None
         if second_opinion:
             second = x[:, WARPED_AB].clone()
-            rows = [k for k, r in enumerate(retrieved) if r]  # only these need a second correspondence
+            rows = [k for k, r in enumerate(draw.retrieved) if r]  # only these need a second correspondence
             if rows:
-                second[rows] = self._warp(l[rows], [f[rows] for f in tf], seconds)[:, WARPED_AB]
+                second[rows] = self._warp(l[rows], [f[rows] for f in tf], tensor(draw.second_l),
+                                          tensor(draw.second_ab))[:, WARPED_AB]
         features = list(tf[2:]) if semantic else []
-        return Batch(x, ab, features, torch.tensor(retrieved, device=self.device), second)
+        return Batch(x, tensor(draw.ab), features, torch.tensor(draw.retrieved, device=self.device), second)
 
-    def _warp(self, l: torch.Tensor, tf: list[torch.Tensor], references: list[np.ndarray]) -> torch.Tensor:
-        rl, rab = (t.to(self.device) for t in lab_batch(references))
+    def batch(self, photos: list[int], self_reference_rate: float, rng: random.Random, semantic: bool,
+              second_opinion: bool = False) -> Batch:
+        """One batch, drawn here and now (see ``draw`` and ``batch_of``)."""
+        return self.batch_of(self.draw(photos, self_reference_rate, rng, second_opinion), semantic, second_opinion)
+
+    def batches(self, chunks: list[list[int]], seeds: list[int], self_reference_rate: float, semantic: bool,
+                second_opinion: bool = False, workers: int = 0) -> Iterator[Batch]:
+        """The batches of ``chunks`` in order, chunk k drawn with ``random.Random(seeds[k])``: the same batches
+        whatever ``workers``. With ``workers`` > 1 the draws run in that many forked processes, ahead of the
+        steps, while this process keeps the device busy."""
+        tasks = [(chunk, self_reference_rate, seed, second_opinion) for chunk, seed in zip(chunks, seeds)]
+        if workers <= 1:
+            draws: Iterator[Draw] = (self.draw(c, r, random.Random(s), o) for c, r, s, o in tasks)
+            yield from (self.batch_of(d, semantic, second_opinion) for d in draws)
+            return
+        global _WORKER_PAIRS
+        _WORKER_PAIRS = self
+        # fork: the workers share the photos already in memory; they touch neither torch nor the device.
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            for draw in pool.imap(_draw_in_worker, tasks):
+                yield self.batch_of(draw, semantic, second_opinion)
+
+    def _warp(self, l: torch.Tensor, tf: list[torch.Tensor], rl: torch.Tensor, rab: torch.Tensor) -> torch.Tensor:
         return self.corr(l, *tf, *self.vgg(rl)[:5], rab)

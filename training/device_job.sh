@@ -1,24 +1,33 @@
 #!/usr/bin/env bash
 # A whole training run for a lent GPU machine, in one command, from the repository root:
 #   bash training/device_job.sh OUT [MINUTES]
-# It reads the bundle in runs/bundle (`python -m training bundle runs/bundle --max-mb 42`, carried along),
-# trains the gpu-online configuration for about MINUTES (default 6) and writes into OUT the slim
-# checkpoint (model.pt, for `python -m export --checkpoint`), history.json and train.log.
-# CONFIG, DEVICE (cuda) and BUNDLE override the defaults; DEVICE=cpu runs it anywhere, slowly.
-set -euo pipefail
+# It reads the bundle in runs/bundle (`python -m training bundle runs/bundle --short-side 192 --quality 75`,
+# carried along), trains the gpu-online configuration fitted to about MINUTES (default 6; --fit-to-time) with
+# WORKERS processes drawing the pairs (default 12), and writes into OUT the slim checkpoints of the last epoch
+# (model.pt) and of the epoch with the best validation PSNR (best.pt), for `python -m export --checkpoint`,
+# with history.json and train.log. A run that breaks still brings back its last finished epoch.
+# CONFIG, DEVICE (cuda) and BUNDLE override the defaults; DEVICE=cpu runs it anywhere, slowly. TRAIN_TIMEOUT
+# (seconds) stops the training by force, still leaving time to bring back its last finished epoch.
+set -uo pipefail
 out=${1:?usage: bash training/device_job.sh OUT [MINUTES]}
 minutes=${2:-6}
 config=${CONFIG:-gpu-online}
 device=${DEVICE:-cuda}
 bundle=${BUNDLE:-runs/bundle}
+workers=${WORKERS:-12}
 python=${PYTHON:-python3}
 run=${RUN_DIR:-runs/device}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out"
 if [ "$device" = cuda ]; then
-    "$python" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device here'; print(torch.__version__, torch.cuda.get_device_name())"
+    "$python" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device here'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
 fi
-"$python" -m training train --config "$config" --data "$bundle/data" --weights "$bundle/vgg16-fp16.pth" \
-    --out "$run" --device "$device" --max-minutes "$minutes" 2>&1 | tee "$out/train.log"
-"$python" -m training slim "$run/last.pt" "$out/model.pt"
+timeout "${TRAIN_TIMEOUT:-0}" "$python" -m training train --config "$config" --data "$bundle/data" --weights "$bundle/vgg16-fp16.pth" \
+    --out "$run" --device "$device" --max-minutes "$minutes" --fit-to-time --workers "$workers" 2>&1 | tee "$out/train.log"
+status=${PIPESTATUS[0]}
+[ -f "$run/last.pt" ] || { echo "no epoch finished" >&2; exit 1; }
+"$python" -m training slim "$run/last.pt" "$out/model.pt" || exit 1
+best=$("$python" -c "import json, sys; h = json.load(open(sys.argv[1])); print(max(h, key=lambda r: r['val_psnr'])['epoch'])" "$run/history.json")
+[ -f "$run/epoch$best.pt" ] && "$python" -m training slim "$run/epoch$best.pt" "$out/best.pt"
 cp "$run/history.json" "$out/history.json"
+exit "$status"

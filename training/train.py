@@ -11,6 +11,7 @@ import json
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -97,12 +98,16 @@ def psnr_rgb(l01: torch.Tensor, ab_pred: torch.Tensor, ab_true: torch.Tensor) ->
 
 class Trainer:
     def __init__(self, config: TrainConfig, data_root: Path, out: Path, device: str = "auto",
-                 weights: Path | None = None, console: Console | None = None, pairs_dir: Path | None = None) -> None:
+                 weights: Path | None = None, console: Console | None = None, pairs_dir: Path | None = None,
+                 workers: int = 0) -> None:
         self.config = config
+        self.workers = workers
         self.out = out
         self.console = console or Console()
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if device == "auto" else device))
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest convolutions
         seed_everything(config.seed)
         state, self.weight_source = load_backbone_weights("vgg16", weights, download_dir=out / "downloads")
         self.vgg = VGGFeatures("vgg16")
@@ -276,11 +281,31 @@ class Trainer:
             "val_chroma_ratio": (torch.cat(pred_chroma).mean() / torch.cat(true_chroma).mean()).item(),
         }
 
-    def fit(self, epochs: int | None = None, max_minutes: float | None = None) -> list[dict]:
+    def epoch_batches(self, rows: list[int]) -> Iterator[Batch]:
+        """The batches of one epoch's ``rows``, each mirrored at random. Online pairs are drawn by
+        ``self.workers`` processes (0: here), each batch from its own seed, so the run is the same whatever
+        the number of workers."""
+        size = self.config.batch_size
+        chunks = [rows[start : start + size] for start in range(0, len(rows) - size + 1, size)]
+        if self.online is not None:
+            seeds = [random.getrandbits(32) for _ in chunks]
+            batches = self.online.batches(chunks, seeds, self.config.self_reference_rate, self.config.semantic,
+                                          self.config.second_opinion, self.workers)
+        else:
+            batches = (self._batch(self.pairs, chunk) for chunk in chunks)
+        for batch in batches:
+            yield batch.flipped() if random.random() < 0.5 else batch
+
+    def fit(self, epochs: int | None = None, max_minutes: float | None = None, fit_to_time: bool = False) -> list[dict]:
         """Train to ``epochs``; with ``max_minutes``, stop after the first epoch that ends past that time
-        (every epoch is checkpointed, so ``--resume`` carries on)."""
+        (every epoch is checkpointed, so ``--resume`` carries on). With ``fit_to_time`` instead, the second
+        epoch's duration (the first one warms up: 2-4x slower on a GPU) sets the run's length to the epochs that
+        fit in ``max_minutes`` (at least one more, never more than asked) and scales the learning-rate decay to
+        it, and the run goes to that end: a run on a machine of unknown speed still finishes its schedule,
+        about in time."""
         total = epochs or self.config.epochs
         deadline = None if max_minutes is None else time.time() + 60 * max_minutes
+        timed = 0  # epochs of this call; the second one's duration is the estimate (the first warms up)
         self.model.train()
         with self._progress() as bar:
             task = bar.add_task("epochs", total=total, completed=self.epoch)
@@ -292,13 +317,7 @@ class Trainer:
                 running = 0.0
                 steps = 0
                 sub = bar.add_task(f"epoch {self.epoch + 1}", total=len(rows) // self.config.batch_size)
-                for start in range(0, len(rows) - self.config.batch_size + 1, self.config.batch_size):
-                    chunk = rows[start : start + self.config.batch_size]
-                    batch = (self.online.batch(chunk, self.config.self_reference_rate, random, self.config.semantic,
-                                               self.config.second_opinion)
-                             if self.online is not None else self._batch(self.pairs, chunk))
-                    if random.random() < 0.5:
-                        batch = batch.flipped()
+                for batch in self.epoch_batches(rows):
                     loss, _ = self.loss(batch)
                     self.optimiser.zero_grad(set_to_none=True)
                     loss.backward()
@@ -320,8 +339,16 @@ class Trainer:
                     f"(gray {record['val_psnr_gray']:.2f}, warp {record['val_psnr_warp']:.2f}) "
                     f"chroma {record['val_chroma_ratio']:.2f} of the truth's, {record['seconds']} s"
                 )
-                bar.update(task, completed=self.epoch)
-                if deadline is not None and time.time() > deadline and self.epoch < total:
+                timed += 1
+                if fit_to_time and deadline is not None and timed == 2 and self.epoch < total:
+                    fits = self.epoch + int((deadline - time.time()) / (time.time() - started))
+                    if fits < total:
+                        self.config = self.config.scaled_to(max(self.epoch + 1, fits), total)
+                        total = self.config.epochs
+                        self.console.print(f"{total} epochs fit in {max_minutes} minutes; the schedule is scaled "
+                                           f"to them (decay from epoch {self.config.decay_from})")
+                bar.update(task, completed=self.epoch, total=total)
+                if deadline is not None and not fit_to_time and time.time() > deadline and self.epoch < total:
                     self.console.print(f"stopped after epoch {self.epoch}: past {max_minutes} minutes; --resume goes on")
                     break
         return self.history
