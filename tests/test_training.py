@@ -206,6 +206,38 @@ def test_online_pairs_are_fresh_views_with_real_references(data_root, tmp_path):
     assert np.isfinite(history[0]["val_psnr"]) and history[0]["train_loss"] > 0
 
 
+def test_online_runs_precompute_only_the_validation_pairs_and_they_are_the_full_caches(data_root, tmp_path):
+    from training.config import CONFIGS
+    from training.train import Trainer
+
+    def run(name):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "downloads").symlink_to(DOWNLOADS)
+        return out
+
+    small = dict(size=48, width=8, batch_size=2, validation_every=4)
+    full = Trainer(replace(CONFIGS["cpu-second"], **small), data_root, run("full"), device="cpu",
+                   pairs_dir=tmp_path / "pairs")
+    online = Trainer(replace(CONFIGS["gpu-online"], **small), data_root, run("online"), device="cpu")
+    cache = online.pairs
+    assert cache.validation_only and not full.pairs.validation_only
+    assert {pair["split"] for pair in cache.meta} == {"val"} and len(cache.meta) == 2 * 3
+    assert len(online.train_photos) == 6 and len(online.val_rows) == len(full.val_rows) == 4
+    # Row for row, the validation pairs are those of the full cache.
+    for mine, theirs in zip(online.val_rows, full.val_rows):
+        assert cache.meta[mine] == full.pairs.meta[theirs]
+        assert np.array_equal(cache.x[mine], full.pairs.x[theirs])
+        assert np.array_equal(cache.x[cache.second_of(mine)], full.pairs.x[full.pairs.second_of(theirs)])
+    assert online.validate()["val_psnr"] == pytest.approx(
+        Trainer(replace(CONFIGS["gpu-online"], **small), data_root, run("online2"), device="cpu",
+                pairs_dir=tmp_path / "pairs").validate()["val_psnr"], abs=1e-4)
+    # A run on precomputed pairs cannot train on a validation-only cache; the message names the folder.
+    with pytest.raises(SystemExit, match="pairs-48-val"):
+        Trainer(replace(CONFIGS["cpu-second"], **small), data_root, run("x"), device="cpu",
+                pairs_dir=tmp_path / "online" / "pairs-48-val")
+
+
 def test_a_run_fitted_to_its_time_scales_its_schedule_and_finishes_it(data_root, tmp_path):
     from training.config import CONFIGS
     from training.train import Trainer, load_checkpoint

@@ -157,6 +157,11 @@ CONFIGS = {
     # 160 px because the photos travel in the bundle.
     "gpu-online": TrainConfig(name="gpu-online", size=160, width=32, epochs=150, batch_size=16, decay_from=75,
                               online_pairs=True, second_opinion=True),
+    # The GPU run's best epoch settled for one epoch on online pairs from the full-resolution photos (the bundle's
+    # are smaller): python -m training train --config cpu-gpu-settle --init runs/gpu-online/best.pt
+    "cpu-gpu-settle": TrainConfig(
+        name="cpu-gpu-settle", size=160, width=32, epochs=1, lr=3e-5, online_pairs=True, second_opinion=True,
+        schedule=((10**6, LossSpec(pixel="l2", colourfulness_weight=0.0)),)),
     # The 0.1.0 model's recipe, kept for the ablation: L2 + relu2_2 perceptual, no semantic prior.
     "cpu-small-v1": TrainConfig(name="cpu-small-v1", size=160, width=32, epochs=12, perceptual_layers=9,
                                 semantic=False, schedule=((10**6, LossSpec(colourfulness_weight=0.0)),)),

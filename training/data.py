@@ -173,6 +173,7 @@ class PairCache:
     meta: list[dict]
     per_photo: int
     semantic: dict[str, np.ndarray]
+    validation_only: bool = False  # only the held-out photos' pairs (what online training validates on)
 
     @classmethod
     def open(cls, folder: Path) -> PairCache:
@@ -182,7 +183,7 @@ class PairCache:
         ab = np.memmap(folder / "ab.f16", dtype=np.float16, mode="r", shape=(n, 2, s, s))
         semantic = {name: np.memmap(folder / f"{name}.f16", dtype=np.float16, mode="r", shape=shape)
                     for name, shape in _semantic_shapes(n // per, s).items()}
-        return cls(x, ab, meta["pairs"], per, semantic)
+        return cls(x, ab, meta["pairs"], per, semantic, meta.get("validation_only", False))
 
     def photo_of(self, row: int) -> int:
         return row // self.per_photo
@@ -201,11 +202,14 @@ class PairCache:
 @torch.no_grad()
 def build_pairs(
     photos: list[Path], folder: Path, config: TrainConfig, vgg: VGGFeatures, device: torch.device,
-    progress=None, held_out: set[Path] = frozenset(),
+    progress=None, held_out: set[Path] = frozenset(), validation_only: bool = False,
 ) -> PairCache:
     """Compute every pair's 13-channel input for ``photos`` into ``folder`` (reuses a finished cache).
 
-    Retrieved references never come from ``held_out`` photos, so validation colours stay unseen.
+    Retrieved references never come from ``held_out`` photos, so validation colours stay unseen. With
+    ``validation_only``, only the ``held_out`` photos' pairs are computed (what online training validates on,
+    a twentieth of the work); the other photos' random draws are still made, so each pair is the one a full
+    cache holds.
     """
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / "pairs.json").exists():
@@ -215,41 +219,46 @@ def build_pairs(
     corr = Correspondence().to(device)
     colour, views = colour_photos_and_views(photos, size)
     ranked = retrieval_ranks(views, [path in held_out for path in colour], vgg, device)
+    kept = [i for i, path in enumerate(colour) if path in held_out or not validation_only]
 
     per_photo = 1 + config.retrieved_per_photo
-    n = len(colour) * per_photo
+    n = len(kept) * per_photo
     names = ["x", "ab", *(name for name, _, _ in SEMANTIC_FEATURES)]
-    shapes = {"x": (n, 13, size, size), "ab": (n, 2, size, size), **_semantic_shapes(len(colour), size)}
+    shapes = {"x": (n, 13, size, size), "ab": (n, 2, size, size), **_semantic_shapes(len(kept), size)}
     arrays = {name: np.memmap(folder / f"{name}.f16.tmp", dtype=np.float16, mode="w+", shape=shapes[name])
               for name in names}
     meta = []
     for i, (path, view) in enumerate(zip(colour, views)):
+        self_view = augmented_view(load_rgb(path), size, rng)
+        choices = [ranked[i][0]] + rng.sample(ranked[i][1:], config.retrieved_per_photo - 1)
+        if progress is not None:
+            progress(i + 1, len(colour))
+        if validation_only and path not in held_out:
+            continue
+        at = len(meta) // per_photo
         l, ab = lab_tensors(view)
         tf = vgg(l.to(device))[:5]
         for (name, _, _), f in zip(SEMANTIC_FEATURES, tf[2:]):
-            arrays[name][i] = f[0].cpu().numpy().astype(np.float16)
-        refs = [("self", path, augmented_view(load_rgb(path), size, rng))]
-        choices = [ranked[i][0]] + rng.sample(ranked[i][1:], config.retrieved_per_photo - 1)
-        refs += [("retrieved", colour[j], views[j]) for j in choices]
+            arrays[name][at] = f[0].cpu().numpy().astype(np.float16)
+        refs = [("self", path, self_view)] + [("retrieved", colour[j], views[j]) for j in choices]
         # All references of one target in one batch: VGG and the correspondence run once.
         rl, rab = (t.to(device) for t in lab_batch([ref_view for _, _, ref_view in refs]))
         rf = vgg(rl)[:5]
         k_refs = len(refs)
         x13 = corr(l.to(device).expand(k_refs, -1, -1, -1), *(f.expand(k_refs, -1, -1, -1) for f in tf), *rf, rab)
-        rows = slice(i * per_photo, i * per_photo + k_refs)
+        rows = slice(at * per_photo, at * per_photo + k_refs)
         arrays["x"][rows] = x13.cpu().numpy().astype(np.float16)
         arrays["ab"][rows] = ab.numpy().astype(np.float16)
         for kind, ref_path, _ in refs:
             meta.append({"photo": path.name, "kind": kind, "reference": ref_path.name,
                          "split": "val" if path in held_out else "train"})
-        if progress is not None:
-            progress(i + 1, len(colour))
     for array in arrays.values():
         array.flush()
     del arrays
     for name in names:
         (folder / f"{name}.f16.tmp").rename(folder / f"{name}.f16")
-    (folder / "pairs.json").write_text(json.dumps({"size": size, "per_photo": per_photo, "pairs": meta}))
+    (folder / "pairs.json").write_text(json.dumps({"size": size, "per_photo": per_photo, "pairs": meta,
+                                                   "validation_only": validation_only}))
     return PairCache.open(folder)
 
 

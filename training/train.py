@@ -117,26 +117,36 @@ class Trainer:
         if not photos:
             raise SystemExit(f"no training photos under {data_root}; pass --data pointing at shared/data")
         _, val_photos = split(photos, config.validation_every)
-        self.pairs = self._pairs(photos, set(val_photos), pairs_dir or out / f"pairs-{config.size}")
+        held_out = set(val_photos)
         per = 1 + config.retrieved_per_photo
-        photo_split = [self.pairs.meta[i * per]["split"] for i in range(len(self.pairs.meta) // per)]
-        self.train_photos = [i for i, s in enumerate(photo_split) if s == "train"]
         self.online = None
         if config.online_pairs:
-            self.online = OnlinePairs(photos, set(val_photos), config, self.vgg, self.device)
-            assert [p.name for p in self.online.colour] == [self.pairs.meta[i * per]["photo"] for i in range(len(photo_split))]
-        self.val_rows = [i * per + k for i, s in enumerate(photo_split) if s == "val" for k in range(1, per)]
+            # Online runs draw their training pairs at each step: only the validation photos' are precomputed.
+            self.online = OnlinePairs(photos, held_out, config, self.vgg, self.device)
+            self.pairs = self._pairs(photos, held_out, pairs_dir or out / f"pairs-{config.size}-val", True)
+            self.train_photos = [i for i, path in enumerate(self.online.colour) if path not in held_out]
+        else:
+            folder = pairs_dir or out / f"pairs-{config.size}"
+            self.pairs = self._pairs(photos, held_out, folder, False)
+            if self.pairs.validation_only:
+                raise SystemExit(f"{folder}: holds only the validation pairs (an online run made it); pass --pairs "
+                                 "with another folder to precompute every photo's pairs")
+            self.train_photos = [i for i in range(len(self.pairs.meta) // per) if self.pairs.meta[i * per]["split"] == "train"]
+        # Retrieved references only: the realistic case.
+        self.val_rows = [row for row, pair in enumerate(self.pairs.meta)
+                         if pair["split"] == "val" and pair["kind"] == "retrieved"]
         self.model = ColorUNet(width=config.width, semantic=config.semantic,
                                second_opinion=config.second_opinion).to(self.device)
         self.optimiser = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.epoch = 0
         self.history: list[dict] = []
 
-    def _pairs(self, photos: list[Path], held_out: set[Path], folder: Path) -> PairCache:
+    def _pairs(self, photos: list[Path], held_out: set[Path], folder: Path, validation_only: bool) -> PairCache:
         with self._progress() as bar:
             task = bar.add_task("pairs", total=len(photos))
             return build_pairs(photos, folder, self.config, self.vgg, self.device, held_out=held_out,
-                               progress=lambda done, total: bar.update(task, completed=done, total=total))
+                               progress=lambda done, total: bar.update(task, completed=done, total=total),
+                               validation_only=validation_only)
 
     def _progress(self) -> Progress:
         return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -258,7 +268,7 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict:
         self.model.eval()
-        rows = self.val_rows  # retrieved references only: the realistic case
+        rows = self.val_rows
         model_psnr, gray_psnr, warp_psnr, losses, pred_chroma, true_chroma = [], [], [], [], [], []
         for start in range(0, len(rows), 16):
             batch = self._batch(self.pairs, rows[start : start + 16])
