@@ -261,6 +261,8 @@ def test_a_run_fitted_to_its_time_scales_its_schedule_and_finishes_it(data_root,
     assert history[-1]["lr"] == pytest.approx(config.lr * config.final_lr_fraction)
     saved = load_checkpoint(out / "last.pt")["config"]
     assert saved["epochs"] == 3 and saved["decay_from"] == 1
+    resumed = Trainer(config, data_root, out, device="cpu")
+    assert resumed.resume() and resumed.config.epochs == 3 and resumed.config.decay_from == 1
 
 
 @pytest.mark.slow  # about two minutes: three epochs of the real gpu-online configuration on a CPU

@@ -25,9 +25,10 @@ def train(
     pairs: Path = typer.Option(None, help="precomputed pair folder to use or fill (default <out>/pairs-<size>)"),
     max_minutes: float = typer.Option(None, min=0, help="stop after the first epoch that ends past this many "
                                       "minutes (every epoch is checkpointed; --resume goes on)"),
-    fit_to_time: bool = typer.Option(False, "--fit-to-time", help="with --max-minutes: after the first epoch, "
-                                     "shorten the run to the epochs that fit and scale the learning-rate decay to them"),
-    workers: int = typer.Option(0, min=0, help="processes that draw online pairs ahead of the steps (0: none)"),
+    fit_to_time: bool = typer.Option(False, "--fit-to-time", help="with --max-minutes: after the second epoch, "
+                                     "set the run to the epochs that fit and scale the learning-rate decay to them"),
+    workers: int = typer.Option(0, min=0, help="processes that draw online pairs ahead of the steps (0 or 1: "
+                                "drawn in this process)"),
     init: Path = typer.Option(None, help="start from this checkpoint's weights (a new run; a first convolution "
                               "that reads more channels gets them at zero), unless --resume finds <out>/last.pt"),
 ) -> None:

@@ -12,6 +12,7 @@ import random
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +190,10 @@ class Trainer:
         self.optimiser.load_state_dict(ckpt["optimiser"])
         self.epoch = ckpt["epoch"]
         self.history = ckpt["history"]
+        # A run fitted to its time (--fit-to-time) goes on with the schedule it was fitted to.
+        saved = ckpt.get("config", {})
+        self.config = replace(self.config, epochs=saved.get("epochs", self.config.epochs),
+                              decay_from=saved.get("decay_from", self.config.decay_from))
         rng = ckpt["rng"]
         random.setstate((3, tuple(rng["python"]), None))
         np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), rng["numpy_pos"], 0, 0.0))
