@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A whole training run for a lent GPU machine, in one command, from the repository root:
 #   bash training/device_job.sh OUT [MINUTES]
-# It reads the bundle in runs/bundle (`python -m training bundle runs/bundle --short-side 192 --quality 75`,
+# It reads the bundle in runs/bundle (`python -m training bundle runs/bundle --max-mb 44`,
 # carried along), trains the gpu-online configuration fitted to about MINUTES (default 6; --fit-to-time) with
 # WORKERS processes drawing the pairs (default 12), and writes into OUT the slim checkpoints of the last epoch
 # (model.pt) and of the epoch with the best validation PSNR (best.pt), for `python -m export --checkpoint`,
