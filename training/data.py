@@ -203,13 +203,15 @@ class PairCache:
 def build_pairs(
     photos: list[Path], folder: Path, config: TrainConfig, vgg: VGGFeatures, device: torch.device,
     progress=None, held_out: set[Path] = frozenset(), validation_only: bool = False,
+    neighbours: tuple[list[Path], list[np.ndarray], list[list[int]]] | None = None,
 ) -> PairCache:
     """Compute every pair's 13-channel input for ``photos`` into ``folder`` (reuses a finished cache).
 
     Retrieved references never come from ``held_out`` photos, so validation colours stay unseen. With
     ``validation_only``, only the ``held_out`` photos' pairs are computed (what online training validates on,
     a twentieth of the work); the other photos' random draws are still made, so each pair is the one a full
-    cache holds.
+    cache holds. ``neighbours``: the colour photos, their centre views and retrieval ranks, where they are at
+    hand already (``OnlinePairs`` has them), instead of reading and ranking the photos again.
     """
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / "pairs.json").exists():
@@ -217,8 +219,11 @@ def build_pairs(
     rng = random.Random(config.seed)
     size = config.size
     corr = Correspondence().to(device)
-    colour, views = colour_photos_and_views(photos, size)
-    ranked = retrieval_ranks(views, [path in held_out for path in colour], vgg, device)
+    if neighbours is None:
+        colour, views = colour_photos_and_views(photos, size)
+        ranked = retrieval_ranks(views, [path in held_out for path in colour], vgg, device)
+    else:
+        colour, views, ranked = neighbours
     kept = [i for i, path in enumerate(colour) if path in held_out or not validation_only]
 
     per_photo = 1 + config.retrieved_per_photo
@@ -302,12 +307,12 @@ class OnlinePairs:
         self.corr = Correspondence().to(device)
         # Kept at the largest size a crop of 60% of the short side needs, so a draw is only a crop and a resize.
         short_side = round(config.size / 0.6)
-        self.colour, views, self.rgb = [], [], []
+        self.colour, self.views, self.rgb = [], [], []
         for path, rgb in colour_photos(photos):  # each photo read once
             self.colour.append(path)
-            views.append(centre_view(rgb, config.size))
+            self.views.append(centre_view(rgb, config.size))
             self.rgb.append(np.asarray(shrunk(Image.fromarray(rgb), short_side)))
-        self.ranked = retrieval_ranks(views, [path in held_out for path in self.colour], vgg, device)
+        self.ranked = retrieval_ranks(self.views, [path in held_out for path in self.colour], vgg, device)
 
     def draw(self, photos: list[int], self_reference_rate: float, rng: random.Random,
              second_opinion: bool = False) -> Draw:

@@ -124,7 +124,8 @@ class Trainer:
         if config.online_pairs:
             # Online runs draw their training pairs at each step: only the validation photos' are precomputed.
             self.online = OnlinePairs(photos, held_out, config, self.vgg, self.device)
-            self.pairs = self._pairs(photos, held_out, pairs_dir or out / f"pairs-{config.size}-val", True)
+            self.pairs = self._pairs(photos, held_out, pairs_dir or out / f"pairs-{config.size}-val", True,
+                                     (self.online.colour, self.online.views, self.online.ranked))
             self.train_photos = [i for i, path in enumerate(self.online.colour) if path not in held_out]
         else:
             folder = pairs_dir or out / f"pairs-{config.size}"
@@ -142,12 +143,13 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict] = []
 
-    def _pairs(self, photos: list[Path], held_out: set[Path], folder: Path, validation_only: bool) -> PairCache:
+    def _pairs(self, photos: list[Path], held_out: set[Path], folder: Path, validation_only: bool,
+               neighbours: tuple | None = None) -> PairCache:
         with self._progress() as bar:
             task = bar.add_task("pairs", total=len(photos))
             return build_pairs(photos, folder, self.config, self.vgg, self.device, held_out=held_out,
                                progress=lambda done, total: bar.update(task, completed=done, total=total),
-                               validation_only=validation_only)
+                               validation_only=validation_only, neighbours=neighbours)
 
     def _progress(self) -> Progress:
         return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
