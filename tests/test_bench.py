@@ -112,7 +112,7 @@ def test_gradcam_rebuilds_the_shipped_unet_exactly(models_home):
     import onnxruntime as ort
     import torch
 
-    from archivecolor.models.layout import SECOND_AB
+    from archivecolor.models.layout import MEMBER, SECOND_AB
     from archivecolor.nets.unet import SEMANTIC_FEATURES
 
     path = models_home / "models" / "unet.onnx"
@@ -125,12 +125,42 @@ def test_gradcam_rebuilds_the_shipped_unet_exactly(models_home):
              for name, channels, stride in SEMANTIC_FEATURES if name in names}
     if SECOND_AB in names:  # another reference's warp: the shipped model reads a second opinion
         extra[SECOND_AB] = rng.uniform(-0.5, 0.5, (1, 2, 64, 96)).astype(np.float32)
-    expected = session.run(["ab"], {"x13": x[None], **extra})[0]
+    member = {MEMBER: np.array([0])} if MEMBER in names else {}  # of an ensemble, the first network
+    if member:  # an ensemble's batch gives each network a row: the same inputs, the second row the second network
+        feeds = {name: np.concatenate([f, f]) for name, f in {"x13": x[None], **extra}.items()}
+        expected = session.run(["ab"], {**feeds, MEMBER: np.array([0, 1])})[0][:1]
+    else:
+        expected = session.run(["ab"], {"x13": x[None], **extra})[0]
     with torch.no_grad():
         got = cam.net(torch.from_numpy(x[None]), *(torch.from_numpy(f) for f in extra.values()))[0].numpy()
     assert np.abs(got - expected).max() < 1e-4
-    heat = cam(x, extra)
+    heat = cam(x, extra | member)
     assert heat.shape == (64, 96) and heat.max() == pytest.approx(1.0) and heat.min() >= 0
+
+
+def test_gradcam_of_an_ensemble_is_its_first_networks(tmp_path):
+    pytest.importorskip("torch")
+    import onnxruntime as ort
+    import torch
+
+    from archivecolor.models.layout import MEMBER
+    from tests.conftest import small_ensemble
+
+    path = tmp_path / "ensemble.onnx"
+    first = small_ensemble(path, (1.25, 1.0), 1.5)[0]
+    cam = bench.UNetGradCAM(path)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (1, 13, 64, 96)).astype(np.float32)
+    extra = {"tf3": rng.uniform(0, 4, (1, 256, 16, 24)), "tf4": rng.uniform(0, 4, (1, 512, 8, 12)),
+             "tf5": rng.uniform(0, 4, (1, 512, 4, 6)), "second_ab": rng.uniform(-0.5, 0.5, (1, 2, 64, 96))}
+    extra = {name: f.astype(np.float32) for name, f in extra.items()}
+    alone = ort.InferenceSession(first.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = alone.run(["ab"], {"x13": x, **extra})[0] * 1.5 / 1.25
+    with torch.no_grad():
+        got = cam.net(torch.from_numpy(x), *(torch.from_numpy(f) for f in extra.values()))[0].numpy()
+    assert np.abs(got - expected).max() < 1e-4
+    heat = cam(x[0], extra | {MEMBER: np.array([0])})  # as a Prediction records an ensemble's first turn
+    assert heat.shape == (64, 96) and np.isfinite(heat).all() and 0 <= heat.min() <= heat.max() <= 1
 
 
 def test_ab_histogram_overlap_is_one_for_the_same_colours_and_low_for_gray():

@@ -37,8 +37,11 @@ def test_pull_int8_installs_quantized_twins_once(int8_home):
         graph = onnx.load(int8_home / "models" / twin.file)
         ops = {node.op_type for node in graph.graph.node}
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops, ops
-        int8_weights = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.INT8]
-        assert len(int8_weights) >= 10  # every convolution's weights stored as int8
+        int8_weights = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
+        float_graph = onnx.load(int8_home / "models" / manifest[name].file)
+        convolutions = sum(node.op_type == "Conv" for node in float_graph.graph.node)
+        # every convolution's weights stored as int8, those of each network of an ensemble too (each was calibrated)
+        assert len(int8_weights) == convolutions >= 10
         assert twin.size < manifest[name].size / 2
     again = pull_int8(int8_home)
     assert [new for _, new in again] == [False, False]
@@ -69,6 +72,38 @@ def test_int8_colours_stay_close_to_fp32(int8_home):
         # The int8 VGG moves the matches a little, and a U-Net that trusts its reference passes that on
         # (28.7-33.6 dB for the shipped model on these photos; 0.04 dB on the benchmark, model card).
         assert psnr(outputs[0], outputs[1]) > 27.0
+
+
+def test_an_ensemble_is_calibrated_and_quantized_in_every_network(models_home, tmp_path):
+    """Each calibration target runs through every network of an ensemble, so the int8 graph quantizes the
+    convolutions of all of them and gives the float graph's colours within quantisation noise. The networks are
+    the shipped U-Net twice (trained weights: a random network's saturated outputs say nothing about noise)."""
+    import onnxruntime as ort
+
+    from archivecolor.models.quantize import calibration_feeds, quantize_file
+    from archivecolor.pipeline import unet_rows
+    from export.onnx_export import compose_unets
+
+    shipped = onnx.load(models_home / "models" / "unet.onnx")
+    ensemble = tmp_path / "ensemble.onnx"
+    onnx.save(compose_unets([shipped, shipped], 1.0), ensemble)
+    _, feeds = calibration_feeds(models_home, unet_path=ensemble)
+    assert all(sorted(f["member"].tolist()) == [0, 1] for f in feeds)
+    quantize_file(ensemble, feeds, tmp_path / "int8.onnx")
+    graph = onnx.load(tmp_path / "int8.onnx")
+    int8_weights = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
+    assert len(int8_weights) == sum(n.op_type == "Conv" for n in onnx.load(ensemble).graph.node) == 44
+
+    fp32 = Models.open("cpu", models_home, precision="fp32", unet_path=ensemble)
+    target, source = colour_photos(2, (192, 128))
+    ref = reference_from_lab("r", rgb_to_lab(source), 128)
+    ref.features = fp32.features_of(ref.l)
+    l = (rgb_to_lab(target)[None, None, ..., 0] / 100).astype(np.float32)
+    rows = unet_rows(fp32, l, [[ref]], fp32.target_features(l)).feeds
+    want = fp32.unet.run(rows)[0]
+    got = ort.InferenceSession(str(tmp_path / "int8.onnx"), providers=["CPUExecutionProvider"]).run(["ab"], rows)[0]
+    for row in range(2):  # ab/128 spans 2: PSNR against that range, per network
+        assert 10 * np.log10(4 / np.mean((got[row] - want[row]) ** 2)) > 40.0
 
 
 def test_missing_twins_name_the_command(models_home):

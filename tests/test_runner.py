@@ -20,7 +20,7 @@ from archivecolor.errors import UsageError
 from archivecolor.imageio import read_embedded_xmp, read_image
 from archivecolor.provenance import load_schema, read_xmp_fields
 from archivecolor.runner import RunOptions, colorize_folder
-from tests.conftest import ROOT, colour_photos, gray_of
+from tests.conftest import ROOT, colour_photos, gray_of, small_ensemble
 
 runner = CliRunner()
 
@@ -393,6 +393,56 @@ def test_a_second_opinion_unet_gets_the_next_reference_and_records_it(tmp_path, 
     expected = (turn[0] + turn[1]).numpy().transpose(1, 2, 0) * 64
     assert np.abs(expected - other.ab).max() < 1.0  # float16 storage
     assert np.abs(turn[0].numpy().transpose(1, 2, 0) * 128 - other.ab).max() > 2.0  # not the first turn alone
+
+
+def test_an_ensemble_gives_each_reference_turn_to_another_network(tmp_path, models_home):
+    """With two networks in the U-Net graph, the first reference's turn is coloured by the first network and the
+    second's by the second; a single reference's one turn is coloured by both. Either way the result is the mean,
+    at the ensemble's chroma gain, of what the member graphs give on their own."""
+    pytest.importorskip("torch")
+    import onnxruntime as ort
+
+    from archivecolor.color import denormalise_ab
+    from archivecolor.models.layout import MEMBER
+    from archivecolor.pipeline import Models, predict, reference_from_lab
+
+    ensemble, gains = tmp_path / "ensemble.onnx", (1.0, 1.25)
+    members = small_ensemble(ensemble, gains, 1.5)
+    models = Models.open("cpu", models_home, unet_path=ensemble, precision="fp32")
+    assert models.members == 2 and models.second_opinion and models.references_wanted == 2
+    alone = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in members]
+
+    photos = colour_photos(3, (192, 128))
+    refs = [reference_from_lab(f"r{i}", rgb_to_lab(p), 128) for i, p in enumerate(photos[1:])]
+    for ref in refs:
+        ref.features = models.features_of(ref.l)
+    l = (rgb_to_lab(photos[0])[None, None, ..., 0] / 100).astype(np.float32)
+
+    def member(k, prediction):  # network k alone on the turn that `prediction` records (its first)
+        feeds = {"x13": prediction.x13[None], **{n: f for n, f in prediction.unet_inputs.items() if n != MEMBER}}
+        return denormalise_ab(alone[k].run(["ab"], feeds)[0][0].transpose(1, 2, 0)) * 1.5 / gains[k]
+
+    both, swapped, single = (predict(models, l, [r])[0] for r in (refs, refs[::-1], refs[:1]))
+    assert both.unet_inputs[MEMBER].tolist() == [0] and both.shares == [0.5, 0.5]
+    np.testing.assert_allclose(both.ab, (member(0, both) + member(1, swapped)) / 2, atol=1e-3)
+    np.testing.assert_allclose(single.ab, (member(0, single) + member(1, single)) / 2, atol=1e-3)
+    assert np.abs(both.ab - (member(0, both) + member(0, swapped)) / 2).max() > 1.0  # not one network's turns
+    assert np.abs(swapped.ab - both.ab).max() > 1.0  # the order of the references says which network colours which
+
+    # End to end: a run with the ensemble records it, and the two references each give half the colour.
+    refs_dir, scans = tmp_path / "refs", tmp_path / "scans"
+    refs_dir.mkdir()
+    scans.mkdir()
+    for i, photo in enumerate(photos[1:]):
+        Image.fromarray(photo).save(refs_dir / f"r{i}.jpg", quality=92)
+    Image.fromarray(gray_of(photos[0])).save(scans / "a.png")
+    db = tmp_path / "cat.sqlite"
+    index_references(refs_dir, db, home=models_home)
+    report = colorize_folder(scans, RunOptions(out=tmp_path / "out", catalog=db, home=models_home, model_path=ensemble))
+    assert [r.status for r in report.results] == ["done"]
+    doc = json.loads((tmp_path / "out" / "a.png.json").read_text())
+    assert [r["share"] for r in doc["references"]] == [0.5, 0.5]
+    assert doc["models"]["unet"] == hashlib.sha256(ensemble.read_bytes()).hexdigest()
 
 
 def test_colour_strength_scales_the_colours_keeps_the_lightness_and_redoes_the_file(tmp_path, reference, models_home):

@@ -47,6 +47,7 @@ def test_train_resume_and_export(data_root, tmp_path):
     changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed
     assert (out / "last.pt").exists()
+    (tmp_path / "epoch1.pt").write_bytes((out / "last.pt").read_bytes())  # a second network, for the ensemble
 
     resumed = Trainer(config, data_root, out, device="cpu")
     assert resumed.resume() and resumed.epoch == 1
@@ -83,6 +84,36 @@ def test_train_resume_and_export(data_root, tmp_path):
     assert {p.key: p.value for p in onnx.load_from_string(data).metadata_props}[CHROMA_GAIN_PROP] == "1.25"
     bolder, same_trust = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(["ab", "trust"], feeds)
     assert np.abs(bolder - 1.25 * got).max() < 1e-5 and np.array_equal(same_trust, trust)
+
+    # An ensemble: the graph just written (epoch 2, gain 1.25) and epoch 1's network, at one gain of 1.5.
+    # Each row goes to the network its `member` names, and each network's colours are rescaled to 1.5.
+    from export.onnx_export import load_unet
+
+    member = tmp_path / "member.onnx"
+    member.write_bytes((assets / "unet.onnx").read_bytes())
+    entry = export_all(tmp_path / "epoch1.pt", assets, graphs=("unet",), chroma_gain=1.5,
+                       ensemble_with=(member,))["models"]["unet"]
+    assert entry["inputs"][-1] == "member" and entry["chroma_gain"] == 1.5
+    assert [m.get("chroma_gain") for m in entry["members"]] == [1.25, None] and entry["members"][1]["epochs"] == 1
+    ensemble = ort.InferenceSession(widen_float16((assets / "unet.onnx").read_bytes()), providers=["CPUExecutionProvider"])
+    rows = {k: np.concatenate([v, v[..., ::-1, :], v[..., ::-1], v]) for k, v in feeds.items()}  # four rows
+    mixed, mixed_trust = ensemble.run(["ab", "trust"], {**rows, "member": np.array([0, 1, 1, 0], dtype=np.int64)})
+    first, first_trust = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(["ab", "trust"], rows)
+    with torch.no_grad():
+        second, second_trust = (t.numpy() for t in load_unet(tmp_path / "epoch1.pt")[0](*map(torch.from_numpy, rows.values())))
+    assert np.abs(mixed[[0, 3]] - first[[0, 3]] * 1.5 / 1.25).max() < 1e-4
+    assert np.abs(mixed[[1, 2]] - second[[1, 2]] * 1.5).max() < 5e-3  # float16 storage
+    assert np.abs(mixed_trust[[1, 2]] - second_trust[[1, 2]]).max() < 5e-3
+    assert np.abs(first[[1, 2]] / 1.25 - second[[1, 2]]).max() > 1e-2  # the two networks differ
+    # An ensemble cannot be a member, and the CLI says so without a traceback.
+    from typer.testing import CliRunner
+
+    from export.__main__ import app as export_app
+
+    with pytest.raises(ValueError, match=f"{assets / 'unet.onnx'}: .*an ensemble cannot be a member"):
+        export_all(out / "last.pt", tmp_path / "assets", graphs=("unet",), ensemble_with=(assets / "unet.onnx",))
+    result = CliRunner().invoke(export_app, ["--ensemble-with", str(member)], env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and "add --checkpoint" in result.output and "Traceback" not in result.output
 
 
 def test_histogram_distance_is_zero_for_the_same_colours_and_largest_for_gray():

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from archivecolor.errors import UsageError
+from archivecolor.models.layout import MEMBER
 
 
 class UNetGradCAM:
@@ -14,7 +15,8 @@ class UNetGradCAM:
 
     The ONNX graph has its BatchNorms folded into the convolutions, so the torch ColorUNet is rebuilt
     with biased convolutions and no BatchNorm, and the folded weights are loaded in graph order.
-    The score is the mean predicted chroma; the map is taken at the bottleneck.
+    The score is the mean predicted chroma; the map is taken at the bottleneck. Of an ensemble, the map is
+    the first member's (the network that colours the first reference's turn).
     """
 
     def __init__(self, unet_path: Path) -> None:
@@ -31,8 +33,9 @@ class UNetGradCAM:
         graph = model.graph
         chroma_gain = float({p.key: p.value for p in model.metadata_props}.get(CHROMA_GAIN_PROP, 1.0))
         inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-        convs = [n for n in graph.node if n.op_type == "Conv"]
         inputs = [i.name for i in graph.input]
+        member = "m0/" if MEMBER in inputs else ""  # an ensemble's members are prefixed m0/, m1/, ...
+        convs = [n for n in graph.node if n.op_type == "Conv" and n.input[1].startswith(member)]
         semantic = SEMANTIC_FEATURES[0][0] in inputs
         # The first convolution is the first projection (semantic prior) or the first encoder block.
         width = int(inits[convs[0].input[1]].shape[0]) // (4 if semantic else 1)
@@ -60,7 +63,7 @@ class UNetGradCAM:
         torch = self.torch
         store: dict = {}
         hook = self.net.bottleneck.register_forward_hook(lambda m, i, o: store.update(act=o))
-        extra = [torch.from_numpy(f.astype(np.float32)) for f in (unet_inputs or {}).values()]
+        extra = [torch.from_numpy(f.astype(np.float32)) for name, f in (unet_inputs or {}).items() if name != MEMBER]
         try:
             ab, _ = self.net(torch.from_numpy(x13[None].astype(np.float32)), *extra)
             act = store["act"]

@@ -40,19 +40,22 @@ def calibration_photos() -> list[Path]:
     return photos
 
 
-def calibration_feeds(home: Path | None = None, backbone: str = DEFAULT_BACKBONE) -> tuple[list[dict], list[dict]]:
-    """Inputs of the features graph and of the U-Net for every calibration pair, from the float32 graphs."""
-    from archivecolor.pipeline import Models, load_reference, predict
+def calibration_feeds(home: Path | None = None, backbone: str = DEFAULT_BACKBONE,
+                      unet_path: Path | None = None) -> tuple[list[dict], list[dict]]:
+    """Inputs of the features graph and of the U-Net (the installed one, or ``unet_path``) for every calibration
+    pair, from the float32 graphs."""
+    from archivecolor.pipeline import Models, load_reference, unet_rows
 
-    models = Models.open("cpu", home, backbone, precision="fp32")  # never through an existing (stale) twin
+    # never through an existing (stale) twin
+    models = Models.open("cpu", home, backbone, precision="fp32", unet_path=unet_path)
     prepared = [load_reference(path, path.name, CALIBRATION_SHORT_SIDE) for path in calibration_photos()]
     features_feeds, unet_feeds = [], []
     for i, target in enumerate(prepared):
         reference = prepared[(i + 1) % len(prepared)]
         reference.features = reference.features or models.features_of(reference.l)
-        prediction = predict(models, target.l, [[reference]])[0]
         features_feeds.append({"l": target.l})
-        unet_feeds.append({"x13": prediction.x13[None].astype(np.float32), **prediction.unet_inputs})
+        # every row the U-Net runs for this target: an ensemble's members each colour it once
+        unet_feeds.append(unet_rows(models, target.l, [[reference]], models.target_features(target.l)).feeds)
     return features_feeds, unet_feeds
 
 
