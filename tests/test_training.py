@@ -115,6 +115,26 @@ def test_train_resume_and_export(data_root, tmp_path):
     result = CliRunner().invoke(export_app, ["--ensemble-with", str(member)], env={"COLUMNS": "300"})
     assert result.exit_code == 2 and "add --checkpoint" in result.output and "Traceback" not in result.output
 
+    # The mean of epochs 1 and 2: every weight and BatchNorm statistic halfway, stored as float16, and exportable.
+    from training.__main__ import app as training_app
+    from training.train import average_checkpoints, load_checkpoint
+
+    averaged = average_checkpoints([tmp_path / "epoch1.pt", out / "last.pt"], tmp_path / "average.pt")
+    assert averaged["averaged_epochs"] == [1, 2] and "optimiser" not in averaged
+    one, two = (load_checkpoint(p)["model"] for p in (tmp_path / "epoch1.pt", out / "last.pt"))
+    mean = load_checkpoint(tmp_path / "average.pt")["model"]
+    for name in ("enc.0.0.weight", "enc.0.1.running_var", "head.bias"):
+        assert torch.allclose(mean[name].float(), (one[name] + two[name]) / 2, rtol=2e-3, atol=1e-4), name
+    assert not torch.equal(one["head.bias"], two["head.bias"])
+    assert export_all(tmp_path / "average.pt", assets, graphs=("unet",))["models"]["unet"]["epochs"] == 2
+    other = tmp_path / "other.pt"  # another network's checkpoint cannot join the mean
+    from archivecolor.nets.unet import ColorUNet
+
+    torch.save({"model": ColorUNet(width=4, semantic=False).state_dict(), "epoch": 1}, other)
+    result = CliRunner().invoke(training_app, ["average", str(tmp_path / "bad.pt"), str(other), str(out / "last.pt")],
+                                env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and f"{other}: another network" in result.output and not (tmp_path / "bad.pt").exists()
+
 
 def test_histogram_distance_is_zero_for_the_same_colours_and_largest_for_gray():
     from archivecolor.color import normalise_ab, rgb_to_lab
@@ -324,6 +344,7 @@ def test_the_device_job_trains_and_brings_back_a_model_that_exports(tmp_path, mo
     assert len(history) == 3 and history[0]["train_loss"] > 0
     best = max(history, key=lambda h: h["val_psnr"])["epoch"]
     assert torch.load(out / "best.pt", weights_only=True)["epoch"] == best
+    assert torch.load(out / "average.pt", weights_only=True)["averaged_epochs"] == [1, 2, 3]  # fewer than AVERAGE
     slim = torch.load(out / "model.pt", weights_only=True)
     assert "optimiser" not in slim and slim["config"]["name"] == "gpu-online"
     assert (out / "model.pt").stat().st_size < (tmp_path / "run" / "last.pt").stat().st_size / 2

@@ -100,6 +100,29 @@ def slim(
 
 
 @app.command()
+def average(
+    out: Path = typer.Argument(..., help="file to write"),
+    checkpoints: list[Path] = typer.Argument(..., help="epoch checkpoints of one run (epoch<N>.pt)"),
+) -> None:
+    """Write the mean of several epochs' weights (BatchNorm statistics too) as a slim checkpoint, for
+    `python -m export --checkpoint`. Average epochs fixed before the run (its last few), not ones picked on the
+    validation photos: then those photos can still judge the result.
+
+    Example: python -m training average runs/gpu-online/average.pt runs/gpu-online/epoch{26..33}.pt
+    """
+    from training.train import average_checkpoints
+
+    missing = [str(path) for path in checkpoints if not path.is_file()]
+    if missing:
+        raise typer.BadParameter(f"{', '.join(missing)}: no such checkpoint; pass a run's epoch<N>.pt files")
+    try:
+        averaged = average_checkpoints(checkpoints, out)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    typer.echo(f"{out}: the mean of epochs {', '.join(map(str, averaged['averaged_epochs']))}")
+
+
+@app.command()
 def info(run: Path = typer.Argument(..., help="run folder")) -> None:
     """Print a run's per-epoch history.
 
