@@ -316,7 +316,7 @@ def test_a_run_fitted_to_its_time_scales_its_schedule_and_finishes_it(data_root,
     assert resumed.resume() and resumed.config.epochs == 3 and resumed.config.decay_from == 1
 
 
-@pytest.mark.slow  # about two minutes: three epochs of the real gpu-online configuration on a CPU
+@pytest.mark.slow  # about two minutes: three epochs of the real gpu-finetune configuration on a CPU
 def test_the_device_job_trains_and_brings_back_a_model_that_exports(tmp_path, models_home):
     import os
     import subprocess
@@ -334,23 +334,76 @@ def test_the_device_job_trains_and_brings_back_a_model_that_exports(tmp_path, mo
         Image.fromarray(photo).save(folder / f"p{i}.jpg")
     make_bundle(data, tmp_path / "bundle", short_side=80)
     out = tmp_path / "out"
+    # on the packaged model, as a lease would fine-tune it
     env = {**os.environ, "DEVICE": "cpu", "BUNDLE": str(tmp_path / "bundle"), "RUN_DIR": str(tmp_path / "run"),
-           "PYTHON": sys.executable}
+           "PYTHON": sys.executable, "CONFIG": "gpu-finetune", "INIT": str(models_home / "models" / "unet.onnx")}
     done = subprocess.run(["bash", str(ROOT / "training" / "device_job.sh"), str(out), "0"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "3 epochs fit in 0.0 minutes" in (out / "train.log").read_text()  # no time: the least run, 3 epochs
+    log = (out / "train.log").read_text()
+    assert "3 epochs fit in 0.0 minutes" in log and "started from the weights of" in log  # no time: the least run
     history = json.loads((out / "history.json").read_text())
     assert len(history) == 3 and history[0]["train_loss"] > 0
     best = max(history, key=lambda h: h["val_psnr"])["epoch"]
     assert torch.load(out / "best.pt", weights_only=True)["epoch"] == best
     assert torch.load(out / "average.pt", weights_only=True)["averaged_epochs"] == [1, 2, 3]  # fewer than AVERAGE
     slim = torch.load(out / "model.pt", weights_only=True)
-    assert "optimiser" not in slim and slim["config"]["name"] == "gpu-online"
+    assert "optimiser" not in slim and slim["config"]["name"] == "gpu-finetune" and slim["config"]["frozen_batchnorm"]
     assert (out / "model.pt").stat().st_size < (tmp_path / "run" / "last.pt").stat().st_size / 2
     assets = tmp_path / "assets"
     assets.mkdir()
-    assert export_all(out / "model.pt", assets, graphs=("unet",))["models"]["unet"]["config"] == "gpu-online"
+    assert export_all(out / "model.pt", assets, graphs=("unet",))["models"]["unet"]["config"] == "gpu-finetune"
+
+
+def test_a_run_starts_from_an_exported_graph_with_its_batchnorms_frozen(data_root, tmp_path, models_home):
+    """The packaged U-Net (whose training checkpoint may be gone) can be trained on: the network starts out computing
+    what the graph computes, and its folded BatchNorms keep their statistics while it trains, after a resume too."""
+    import onnxruntime as ort
+
+    from archivecolor.models.layout import CHROMA_GAIN_PROP
+    from training.config import CONFIGS
+    from training.train import Trainer, load_checkpoint
+
+    graph = models_home / "models" / "unet.onnx"
+    config = replace(CONFIGS["cpu-second"], size=48, epochs=1, batch_size=2, validation_every=4)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "downloads").symlink_to(DOWNLOADS)
+    trainer = Trainer(config, data_root, out, device="cpu")
+    trainer.initialise(graph)
+    assert trainer.config.frozen_batchnorm
+
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    gain = float(session.get_modelmeta().custom_metadata_map[CHROMA_GAIN_PROP])
+    rng = np.random.default_rng(0)
+    feeds = {"x13": rng.uniform(-1, 1, (2, 13, 48, 64)), "tf3": rng.uniform(0, 4, (2, 256, 12, 16)),
+             "tf4": rng.uniform(0, 4, (2, 512, 6, 8)), "tf5": rng.uniform(0, 4, (2, 512, 3, 4)),
+             "second_ab": rng.uniform(-0.5, 0.5, (2, 2, 48, 64))}
+    feeds = {name: f.astype(np.float32) for name, f in feeds.items()}
+    with torch.no_grad():
+        start = trainer.model.eval()(*map(torch.from_numpy, feeds.values()))[0].numpy()
+    assert np.abs(start * gain - session.run(["ab"], feeds)[0]).max() < 1e-4
+
+    bn = trainer.model.enc[0][1]
+    statistics = bn.running_mean.clone(), bn.running_var.clone()
+    before = trainer.model.enc[0][0].weight.detach().clone()
+    trainer.fit(1)
+    assert torch.equal(bn.running_mean, statistics[0]) and torch.equal(bn.running_var, statistics[1])
+    assert not torch.equal(trainer.model.enc[0][0].weight, before)  # it trained
+    assert load_checkpoint(out / "last.pt")["config"]["frozen_batchnorm"]
+    resumed = Trainer(replace(config, epochs=2), data_root, out, device="cpu")
+    assert resumed.resume() and resumed.config.frozen_batchnorm
+
+    # A configuration of another shape, or an ensemble, is refused, naming the file.
+    other = Trainer(replace(CONFIGS["cpu-small"], size=48, epochs=1, batch_size=2, validation_every=4), data_root,
+                    tmp_path / "other", device="cpu", pairs_dir=out / "pairs-48")
+    with pytest.raises(SystemExit, match=f"{graph}: a U-Net of width 32, .* second opinion True; --config cpu-small"):
+        other.initialise(graph)
+    from tests.conftest import small_ensemble
+
+    small_ensemble(tmp_path / "ensemble.onnx")
+    with pytest.raises(SystemExit, match="ensemble.onnx: an ensemble of several networks"):
+        trainer.initialise(tmp_path / "ensemble.onnx")
 
 
 def test_a_second_opinion_starts_as_the_model_it_widens_and_reads_the_other_reference(data_root, tmp_path):

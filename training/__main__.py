@@ -30,7 +30,9 @@ def train(
     workers: int = typer.Option(0, min=0, help="processes that draw online pairs ahead of the steps (0 or 1: "
                                 "drawn in this process)"),
     init: Path = typer.Option(None, help="start from this checkpoint's weights (a new run; a first convolution "
-                              "that reads more channels gets them at zero), unless --resume finds <out>/last.pt"),
+                              "that reads more channels gets them at zero), unless --resume finds <out>/last.pt; "
+                              "or from an exported U-Net graph (.onnx, e.g. the packaged one; its BatchNorms, "
+                              "folded, stay frozen)"),
 ) -> None:
     """Train, checkpointing every epoch.
 
@@ -41,7 +43,8 @@ def train(
     if config not in CONFIGS:
         raise typer.BadParameter(f"unknown config {config!r}; choose one of {', '.join(CONFIGS)}")
     if init is not None and not init.is_file():
-        raise typer.BadParameter(f"{init}: no such checkpoint; pass a training checkpoint (last.pt or epoch<N>.pt)")
+        raise typer.BadParameter(f"{init}: no such checkpoint; pass a training checkpoint (last.pt or epoch<N>.pt) "
+                                 f"or an exported U-Net graph (.onnx)")
     if threads:
         torch.set_num_threads(threads)
     out = out or Path("runs") / config

@@ -62,6 +62,9 @@ class TrainConfig:
     # The U-Net also reads a second reference's warped ab: where two references agree, the colour is likely right.
     second_opinion: bool = False
     keep_epochs: bool = True  # a copy of each epoch's checkpoint (epoch<N>.pt), to pick the model from
+    # BatchNorms in eval mode while training: a network started from an exported graph has its BatchNorms folded
+    # into the convolutions, their statistics gone (set by `--init GRAPH.onnx`)
+    frozen_batchnorm: bool = False
     validation_every: int = 20  # every n-th photo (sorted) is held out
     seed: int = 0
 
@@ -157,6 +160,12 @@ CONFIGS = {
     # 160 px because the photos travel in the bundle.
     "gpu-online": TrainConfig(name="gpu-online", size=160, width=32, epochs=150, batch_size=16, decay_from=75,
                               online_pairs=True, second_opinion=True),
+    # The packaged model trained on from its exported graph on a GPU (its training checkpoint is gone):
+    # INIT=archivecolor/models/assets/unet.onnx CONFIG=gpu-finetune bash training/device_job.sh OUT MINUTES. Plain
+    # L2 at a fine-tuning rate, decayed throughout; its BatchNorms stay frozen (they are folded in the graph).
+    "gpu-finetune": TrainConfig(name="gpu-finetune", size=160, width=32, epochs=150, batch_size=16, lr=5e-5,
+                                decay_from=0, final_lr_fraction=0.2, online_pairs=True, second_opinion=True,
+                                schedule=((10**6, LossSpec(pixel="l2", colourfulness_weight=0.0)),)),
     # The GPU run's best epoch settled for one epoch on online pairs from the full-resolution photos (the bundle's
     # are smaller): python -m training train --config cpu-gpu-settle --init runs/gpu-online/best.pt
     "cpu-gpu-settle": TrainConfig(

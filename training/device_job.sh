@@ -8,6 +8,8 @@
 # (average.pt, default 8: fixed in advance, so the validation photos can still judge it, which they cannot
 # best.pt), for `python -m export --checkpoint`, with history.json and train.log. A run that breaks still
 # brings back its last finished epoch.
+# INIT starts from a checkpoint or an exported U-Net graph (INIT=archivecolor/models/assets/unet.onnx
+# CONFIG=gpu-finetune trains on the packaged model).
 # CONFIG, DEVICE (cuda) and BUNDLE override the defaults; DEVICE=cpu runs it anywhere, slowly. TRAIN_TIMEOUT
 # (seconds) stops the training by force, still leaving time to bring back its last finished epoch.
 set -uo pipefail
@@ -25,7 +27,8 @@ if [ "$device" = cuda ]; then
     "$python" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device here'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
 fi
 timeout "${TRAIN_TIMEOUT:-0}" "$python" -m training train --config "$config" --data "$bundle/data" --weights "$bundle/vgg16-fp16.pth" \
-    --out "$run" --device "$device" --max-minutes "$minutes" --fit-to-time --workers "$workers" 2>&1 | tee "$out/train.log"
+    --out "$run" --device "$device" --max-minutes "$minutes" --fit-to-time --workers "$workers" \
+    ${INIT:+--init "$INIT"} 2>&1 | tee "$out/train.log"
 status=${PIPESTATUS[0]}
 [ -f "$run/last.pt" ] || { echo "no epoch finished" >&2; exit 1; }
 "$python" -m training slim "$run/last.pt" "$out/model.pt" || exit 1

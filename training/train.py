@@ -24,7 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from archivecolor.models.layout import L_CHANNEL, WARPED_AB
 from archivecolor.models.weights import load_backbone_weights
 from archivecolor.nets.colour import lab_to_rgb
-from archivecolor.nets.unet import ColorUNet
+from archivecolor.nets.unet import ColorUNet, unet_from_graph
 from archivecolor.nets.vgg import VGGFeatures
 from training.config import TrainConfig
 from training.data import Batch, OnlinePairs, PairCache, build_pairs, list_photos, split
@@ -199,7 +199,12 @@ class Trainer:
     def initialise(self, checkpoint: Path) -> None:
         """Start from another run's weights (epoch, optimiser and history start afresh). Where this U-Net's first
         convolution reads more channels than the checkpoint's (a second opinion), the new channels start at
-        zero, so the network starts as the checkpoint's and learns to use them."""
+        zero, so the network starts as the checkpoint's and learns to use them. An exported graph (``.onnx``, such
+        as the packaged model, whose training checkpoint may be gone) gives its weights too; its BatchNorms are
+        folded, so they stay frozen (``frozen_batchnorm``)."""
+        if checkpoint.suffix == ".onnx":
+            self.initialise_from_graph(checkpoint)
+            return
         state = load_checkpoint(checkpoint, self.device)["model"]
         own = self.model.state_dict()
         for name, tensor in state.items():
@@ -209,6 +214,27 @@ class Trainer:
                 wide[:, : tensor.shape[1]] = tensor
                 state[name] = wide
         self.model.load_state_dict(state)
+
+    def initialise_from_graph(self, path: Path) -> None:
+        try:
+            net = unet_from_graph(path, member=None)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from exc
+        wanted = (self.config.width, self.config.semantic, self.config.second_opinion)
+        if (net.width, net.semantic, net.second_opinion) != wanted:
+            raise SystemExit(f"{path}: a U-Net of width {net.width}, semantic prior {net.semantic}, second opinion "
+                             f"{net.second_opinion}; --config {self.config.name} trains width {wanted[0]}, "
+                             f"{wanted[1]}, {wanted[2]}: pick a configuration that matches it")
+        self.model.load_state_dict(net.state_dict())
+        self.config = replace(self.config, frozen_batchnorm=True)
+        self.train_mode()
+
+    def train_mode(self) -> None:
+        self.model.train()
+        if self.config.frozen_batchnorm:
+            for module in self.model.modules():
+                if isinstance(module, torch.nn.BatchNorm2d):
+                    module.eval()
 
     def resume(self) -> bool:
         path = self.out / "last.pt"
@@ -222,7 +248,8 @@ class Trainer:
         # A run fitted to its time (--fit-to-time) goes on with the schedule it was fitted to.
         saved = ckpt.get("config", {})
         self.config = replace(self.config, epochs=saved.get("epochs", self.config.epochs),
-                              decay_from=saved.get("decay_from", self.config.decay_from))
+                              decay_from=saved.get("decay_from", self.config.decay_from),
+                              frozen_batchnorm=saved.get("frozen_batchnorm", False))
         rng = ckpt["rng"]
         random.setstate((3, tuple(rng["python"]), None))
         np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), rng["numpy_pos"], 0, 0.0))
@@ -315,7 +342,7 @@ class Trainer:
             warp_psnr.append(psnr_rgb(l01, x[:, WARPED_AB], ab))
             pred_chroma.append(chroma(pred).mean(dim=(1, 2, 3)))
             true_chroma.append(chroma(ab).mean(dim=(1, 2, 3)))
-        self.model.train()
+        self.train_mode()
         return {
             "val_loss": sum(losses) / len(rows),
             "val_psnr": torch.cat(model_psnr).mean().item(),
@@ -350,7 +377,7 @@ class Trainer:
         total = epochs or self.config.epochs
         deadline = None if max_minutes is None else time.time() + 60 * max_minutes
         timed = 0  # epochs of this call; the second one's duration is the estimate (the first warms up)
-        self.model.train()
+        self.train_mode()
         with self._progress() as bar:
             task = bar.add_task("epochs", total=total, completed=self.epoch)
             while self.epoch < total:

@@ -3,10 +3,12 @@ reference's warped ab, to ab."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from archivecolor.models.layout import INPUT_CHANNELS, SECOND_AB, SEMANTIC_INPUTS, WARPED_AB
+from archivecolor.models.layout import CHROMA_GAIN_PROP, INPUT_CHANNELS, MEMBER, SECOND_AB, SEMANTIC_INPUTS, WARPED_AB
 
 # The target's VGG features that the U-Net reads as a semantic prior: (name, channels, stride).
 SEMANTIC_FEATURES = tuple(zip(SEMANTIC_INPUTS, (256, 512, 512), (4, 8, 16)))
@@ -119,3 +121,63 @@ class ColorUNet(nn.Module):
         if self.chroma_gain != 1.0:
             ab = self.chroma_gain * ab
         return ab, trust
+
+
+def unet_from_graph(path: Path, member: int | None = 0) -> ColorUNet:
+    """The network of an exported U-Net graph (of an ensemble, network ``member``; None refuses an ensemble), its
+    chroma gain included.
+
+    The export folds each BatchNorm into the convolution before it, so each convolution takes the folded weights
+    (in graph order, which is module order) and each BatchNorm becomes the folded bias: scale 1, statistics 0 and
+    1 − eps. In eval mode the network computes what the graph does; to train it, keep the BatchNorms in eval mode
+    (their statistics are gone).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    from archivecolor.models.store import widen_float16
+
+    try:
+        model = onnx.load_from_string(widen_float16(Path(path).read_bytes()))
+    except Exception as exc:  # protobuf's decode errors have no common public type
+        raise ValueError(f"{path}: not an ONNX graph ({exc}); pass a U-Net exported with `python -m export`") from exc
+    graph = model.graph
+    props = {p.key: p.value for p in model.metadata_props}
+    inputs = [i.name for i in graph.input]
+    if member is None and MEMBER in inputs:
+        raise ValueError(f"{path}: an ensemble of several networks; pass one network's graph")
+    prefix = f"m{member}/" if MEMBER in inputs else ""  # an ensemble's networks are prefixed m0/, m1/, ...
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    convs = [n for n in graph.node if n.op_type == "Conv" and n.input[1].startswith(prefix)]
+    if not convs:
+        raise ValueError(f"{path}: no convolutions{f' of network {member}' if prefix else ''}; pass an exported U-Net")
+    semantic = SEMANTIC_FEATURES[0][0] in inputs
+    # The first convolution is the first projection (semantic prior, 4w channels) or the first encoder block.
+    width = int(inits[convs[0].input[1]].shape[0]) // (4 if semantic else 1)
+    net = ColorUNet(width=width, semantic=semantic, second_opinion=SECOND_AB in inputs,
+                    chroma_gain=float(props.get(CHROMA_GAIN_PROP, 1.0)))
+    batchnorm_after = {}
+    for seq in net.modules():
+        if isinstance(seq, nn.Sequential):
+            for conv, after in zip(seq, list(seq)[1:]):
+                if isinstance(conv, nn.Conv2d) and isinstance(after, nn.BatchNorm2d):
+                    batchnorm_after[conv] = after
+    modules = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    if len(modules) != len(convs):
+        raise ValueError(f"{path}: {len(convs)} convolutions, a U-Net of width {width} has {len(modules)}")
+    with torch.no_grad():
+        for conv, node in zip(modules, convs):
+            weight, bias = (torch.from_numpy(inits[name].copy()) for name in node.input[1:3])
+            if conv.weight.shape != weight.shape:
+                raise ValueError(f"{path}: convolution {node.name} has weights {tuple(weight.shape)}, the U-Net's "
+                                 f"{tuple(conv.weight.shape)}")
+            conv.weight.copy_(weight)
+            bn = batchnorm_after.get(conv)
+            if bn is None:
+                conv.bias.copy_(bias)
+            else:
+                bn.weight.fill_(1.0)
+                bn.bias.copy_(bias)
+                bn.running_mean.zero_()
+                bn.running_var.fill_(1.0 - bn.eps)
+    return net.eval()
