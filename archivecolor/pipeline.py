@@ -262,6 +262,7 @@ def unet_rows(models: Models, l_batch: np.ndarray, references: list[list[Referen
     target with fewer turns than members runs them again until every member has coloured it once.
     """
     feats = targets.maps
+    networks = models.members
     inputs, seconds, owners, members, shares, sims = [], [], [], [], [], []
     for i, refs in enumerate(references):
         target = [f[i : i + 1] for f in feats]
@@ -278,12 +279,12 @@ def unet_rows(models: Models, l_batch: np.ndarray, references: list[list[Referen
             fused, pick = fuse(candidates)
             passes = [(fused, None)]
             shares.append([float((pick == k).mean()) for k in range(len(candidates))])
-        for k in range(max(len(passes), models.members)):
+        for k in range(max(len(passes), networks)):
             first, second = passes[k % len(passes)]
             inputs.append(first)
             seconds.append(second)
             owners.append(i)
-            members.append(k % models.members)
+            members.append(k % networks)
         sims.append([float(c[FORWARD_MAPS].mean()) for c in candidates])
     owners = np.asarray(owners)
     rows_maps = targets.select(owners.tolist()).maps  # one row per U-Net pass; no copy with one pass a target
@@ -291,7 +292,7 @@ def unet_rows(models: Models, l_batch: np.ndarray, references: list[list[Referen
     feeds.update({name: rows_maps[SEMANTIC_INPUTS[name]] for name in models.semantic_inputs()})
     if models.second_opinion:
         feeds[SECOND_AB] = np.stack(seconds).astype(np.float32)
-    if models.members > 1:
+    if networks > 1:
         feeds[MEMBER] = np.asarray(members, dtype=np.int64)
     return UNetRows(feeds, owners, shares, sims)
 
