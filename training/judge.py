@@ -1,0 +1,145 @@
+"""Judge U-Nets on the validation photos as the pipeline runs them: each photo's two retrieved references take a
+turn giving the colours (the other is the second opinion), and the turns are averaged. A candidate is a training
+checkpoint or an exported graph (an ensemble too), scored at several chroma gains: how the shipped models were
+chosen (model card)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from archivecolor.models.layout import MEMBER
+from training.data import PairCache
+from training.train import chroma, psnr_rgb
+
+BATCH = 16
+
+
+@dataclass
+class Verdict:
+    """A candidate at one chroma gain: mean validation PSNR (dB) and chroma over the truth's, per photo PSNR."""
+
+    candidate: str
+    gain: float
+    psnr: float
+    chroma_ratio: float
+    per_photo: list[float]
+
+    def as_dict(self) -> dict:
+        return {"candidate": self.candidate, "gain": self.gain, "psnr": round(self.psnr, 4),
+                "chroma_ratio": round(self.chroma_ratio, 4), "per_photo": [round(p, 4) for p in self.per_photo]}
+
+
+def validation_turns(cache: PairCache) -> list[list[int]]:
+    """Per validation photo, its retrieved rows: the references that take turns."""
+    photos: dict[int, list[int]] = {}
+    for row, pair in enumerate(cache.meta):
+        if pair["split"] == "val" and pair["kind"] == "retrieved":
+            photos.setdefault(cache.photo_of(row), []).append(row)
+    if not photos:
+        raise ValueError("the pair cache holds no validation photos with retrieved references")
+    return list(photos.values())
+
+
+def _rows(cache: PairCache, rows: list[int]) -> dict[str, np.ndarray]:
+    """The U-Net's inputs for ``rows`` (float32), by graph input name."""
+    photos = [cache.photo_of(r) for r in rows]
+    feeds = {"x13": np.asarray(cache.x[rows], dtype=np.float32)}
+    feeds.update({name: np.asarray(array[photos], dtype=np.float32) for name, array in cache.semantic.items()})
+    feeds["second_ab"] = np.asarray(cache.x[[cache.second_of(r) for r in rows]][:, 1:3], dtype=np.float32)
+    return feeds
+
+
+class _Network:
+    """A candidate U-Net: ab/128 without its chroma gain for a batch of rows, each coloured by network ``member``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if path.suffix == ".onnx":
+            import onnxruntime as ort
+
+            from archivecolor.models.layout import CHROMA_GAIN_PROP
+            from archivecolor.models.store import widen_float16
+
+            self.session = ort.InferenceSession(widen_float16(path.read_bytes()), providers=["CPUExecutionProvider"])
+            self.inputs = [i.name for i in self.session.get_inputs()]
+            meta = self.session.get_modelmeta().custom_metadata_map
+            self.gain = float(meta.get(CHROMA_GAIN_PROP, 1.0))
+            self.members = int(meta.get("archivecolor.members", "1")) if MEMBER in self.inputs else 1
+            self.unet = None
+        else:
+            from export.onnx_export import load_unet
+
+            try:
+                self.unet, _ = load_unet(path)
+            except (KeyError, RuntimeError) as exc:
+                raise ValueError(f"{path}: not a U-Net training checkpoint ({exc})") from exc
+            self.inputs, self.gain, self.members = self.unet.input_names(), 1.0, 1
+
+    def __call__(self, feeds: dict[str, np.ndarray], member: np.ndarray) -> np.ndarray:
+        if self.unet is not None:
+            with torch.no_grad():
+                return self.unet(*(torch.from_numpy(feeds[name]) for name in self.inputs))[0].numpy()
+        wanted = {name: feeds[name] for name in self.inputs if name != MEMBER}
+        if MEMBER in self.inputs:
+            wanted[MEMBER] = member
+        return self.session.run(["ab"], wanted)[0] / self.gain
+
+
+def judge(candidates: list[Path], cache: PairCache, gains: list[float]) -> list[Verdict]:
+    """Each candidate at each chroma gain (absolute: a graph's own gain is taken out first) on the validation photos.
+
+    An ensemble gives turn k to network k mod M, as the pipeline does; the photos are the cache's validation photos
+    with their retrieved references.
+    """
+    turns = validation_turns(cache)
+    rows = [r for photo in turns for r in photo]
+    truth = torch.from_numpy(np.asarray(cache.ab[[photo[0] for photo in turns]], dtype=np.float32))
+    l01 = torch.from_numpy(np.asarray(cache.x[[photo[0] for photo in turns]][:, :1], dtype=np.float32))
+    turn_of = np.array([k for photo in turns for k in range(len(photo))])
+    true_chroma = chroma(truth).mean()
+    verdicts = []
+    for path in candidates:
+        network = _Network(path)
+        member = turn_of % network.members
+        predicted = np.concatenate([network(_rows(cache, rows[i : i + BATCH]), member[i : i + BATCH])
+                                    for i in range(0, len(rows), BATCH)])
+        starts = np.cumsum([0] + [len(photo) for photo in turns])
+        mean = torch.from_numpy(np.stack([predicted[a:b].mean(axis=0) for a, b in zip(starts[:-1], starts[1:])]))
+        for gain in gains:
+            ab = mean * gain
+            per_photo = psnr_rgb(l01, ab, truth)
+            verdicts.append(Verdict(str(path), gain, per_photo.mean().item(),
+                                    (chroma(ab).mean() / true_chroma).item(), per_photo.tolist()))
+    return verdicts
+
+
+def open_validation_pairs(pairs: Path | None, data: Path, config_name: str, weights: Path | None = None) -> PairCache:
+    """The validation pairs: the cache at ``pairs`` (a full cache or an online run's ``pairs-<size>-val``), else the
+    validation-only cache of ``config_name`` built under ``runs/`` from the photos in ``data``."""
+    from training.config import CONFIGS
+
+    if pairs is not None:
+        if not (pairs / "pairs.json").exists():
+            raise ValueError(f"{pairs}: no finished pair cache (pairs.json); pass a training run's pairs-<size> or "
+                             "pairs-<size>-val folder, or leave --pairs out to build the validation pairs")
+        return PairCache.open(pairs)
+    from archivecolor.models.weights import load_backbone_weights
+    from archivecolor.nets.vgg import VGGFeatures
+    from training.data import build_pairs, list_photos, split
+
+    config = CONFIGS[config_name]
+    photos = list_photos(data)
+    if not photos:
+        raise ValueError(f"no training photos under {data}; pass --data pointing at shared/data")
+    _, held_out = split(photos, config.validation_every)
+    state, _ = load_backbone_weights("vgg16", weights)
+    vgg = VGGFeatures("vgg16")
+    vgg.load_numpy(state)
+    folder = Path("runs") / f"pairs-{config.size}-val"
+    return build_pairs(photos, folder, config, vgg.eval(), torch.device("cpu"), held_out=set(held_out),
+                       validation_only=True)
+
