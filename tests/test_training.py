@@ -6,6 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
 from tests.conftest import DOWNLOADS, colour_photos
 
@@ -127,19 +128,21 @@ def test_train_resume_and_export(data_root, tmp_path):
     mixed = psnr_rgb(l01, (turns["epoch2"][0::2] + turns["epoch1"][1::2]) / 2, truth)
     np.testing.assert_allclose(by["unet.onnx", 1.0].per_photo, mixed.numpy(), atol=0.05)  # float16 storage
     assert np.abs(mixed.numpy() - alone.numpy()).max() > 0.01
+    from export.__main__ import app as export_app
+    from training.__main__ import app as training_app
+
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    result = CliRunner().invoke(training_app, ["judge", str(tmp_path / "notes.pt"), "--pairs", str(out / "pairs-48")],
+                                env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and "notes.pt: not a U-Net training checkpoint" in result.output
 
     # An ensemble cannot be a member, and the CLI says so without a traceback.
-    from typer.testing import CliRunner
-
-    from export.__main__ import app as export_app
-
     with pytest.raises(ValueError, match=f"{assets / 'unet.onnx'}: .*an ensemble cannot be a member"):
         export_all(out / "last.pt", tmp_path / "assets", graphs=("unet",), ensemble_with=(assets / "unet.onnx",))
     result = CliRunner().invoke(export_app, ["--ensemble-with", str(member)], env={"COLUMNS": "300"})
     assert result.exit_code == 2 and "add --checkpoint" in result.output and "Traceback" not in result.output
 
     # The mean of epochs 1 and 2: every weight and BatchNorm statistic halfway, stored as float16, and exportable.
-    from training.__main__ import app as training_app
     from training.train import average_checkpoints, load_checkpoint
 
     averaged = average_checkpoints([tmp_path / "epoch1.pt", out / "last.pt"], tmp_path / "average.pt")

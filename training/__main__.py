@@ -154,8 +154,13 @@ def judge(
     missing = [str(path) for path in candidates if not path.is_file()]
     if missing:
         raise typer.BadParameter(f"{', '.join(missing)}: no such file; pass checkpoints (.pt) or exported graphs (.onnx)")
+    from rich.progress import Progress
+
     try:
-        cache = open_validation_pairs(pairs, data, config, weights)
+        with Progress(transient=True) as bar:
+            task = bar.add_task("validation pairs", total=None)
+            cache = open_validation_pairs(pairs, data, config, weights,
+                                          lambda done, total: bar.update(task, completed=done, total=total))
         verdicts = score(candidates, cache, gain or [1.0])
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

@@ -64,7 +64,11 @@ class _Network:
             from archivecolor.models.layout import CHROMA_GAIN_PROP
             from archivecolor.models.store import widen_float16
 
-            self.session = ort.InferenceSession(widen_float16(path.read_bytes()), providers=["CPUExecutionProvider"])
+            try:
+                self.session = ort.InferenceSession(widen_float16(path.read_bytes()),
+                                                    providers=["CPUExecutionProvider"])
+            except Exception as exc:  # protobuf's and ONNX Runtime's errors have no common public type
+                raise ValueError(f"{path}: not an ONNX graph ONNX Runtime can run ({exc}); pass an exported U-Net") from exc
             self.inputs = [i.name for i in self.session.get_inputs()]
             meta = self.session.get_modelmeta().custom_metadata_map
             self.gain = float(meta.get(CHROMA_GAIN_PROP, 1.0))
@@ -75,8 +79,9 @@ class _Network:
 
             try:
                 self.unet, _ = load_unet(path)
-            except (KeyError, RuntimeError) as exc:
-                raise ValueError(f"{path}: not a U-Net training checkpoint ({exc})") from exc
+            except Exception as exc:  # torch.load's and pickle's errors have no common public type
+                raise ValueError(f"{path}: not a U-Net training checkpoint ({type(exc).__name__}); pass a "
+                                 f"checkpoint (.pt) or an exported graph (.onnx)") from exc
             self.inputs, self.gain, self.members = self.unet.input_names(), 1.0, 1
 
     def __call__(self, feeds: dict[str, np.ndarray], member: np.ndarray) -> np.ndarray:
@@ -117,9 +122,11 @@ def judge(candidates: list[Path], cache: PairCache, gains: list[float]) -> list[
     return verdicts
 
 
-def open_validation_pairs(pairs: Path | None, data: Path, config_name: str, weights: Path | None = None) -> PairCache:
+def open_validation_pairs(pairs: Path | None, data: Path, config_name: str, weights: Path | None = None,
+                          progress=None) -> PairCache:
     """The validation pairs: the cache at ``pairs`` (a full cache or an online run's ``pairs-<size>-val``), else the
-    validation-only cache of ``config_name`` built under ``runs/`` from the photos in ``data``."""
+    validation-only cache of ``config_name`` built under ``runs/`` from the photos in ``data`` (``progress(done,
+    total)`` is told of each photo read)."""
     from training.config import CONFIGS
 
     if pairs is not None:
@@ -141,5 +148,5 @@ def open_validation_pairs(pairs: Path | None, data: Path, config_name: str, weig
     vgg.load_numpy(state)
     folder = Path("runs") / f"pairs-{config.size}-val"
     return build_pairs(photos, folder, config, vgg.eval(), torch.device("cpu"), held_out=set(held_out),
-                       validation_only=True)
+                       validation_only=True, progress=progress)
 
