@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from archivecolor.models.layout import MEMBER
+from archivecolor.models.layout import CHROMA_GAIN_PROP, MEMBER, MEMBERS_PROP, SECOND_AB, WARPED_AB
 from training.data import PairCache
 from training.train import chroma, psnr_rgb
 
@@ -49,7 +49,7 @@ def _rows(cache: PairCache, rows: list[int]) -> dict[str, np.ndarray]:
     photos = [cache.photo_of(r) for r in rows]
     feeds = {"x13": np.asarray(cache.x[rows], dtype=np.float32)}
     feeds.update({name: np.asarray(array[photos], dtype=np.float32) for name, array in cache.semantic.items()})
-    feeds["second_ab"] = np.asarray(cache.x[[cache.second_of(r) for r in rows]][:, 1:3], dtype=np.float32)
+    feeds[SECOND_AB] = np.asarray(cache.x[[cache.second_of(r) for r in rows]][:, WARPED_AB], dtype=np.float32)
     return feeds
 
 
@@ -57,11 +57,9 @@ class _Network:
     """A candidate U-Net: ab/128 without its chroma gain for a batch of rows, each coloured by network ``member``."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
         if path.suffix == ".onnx":
             import onnxruntime as ort
 
-            from archivecolor.models.layout import CHROMA_GAIN_PROP
             from archivecolor.models.store import widen_float16
 
             try:
@@ -72,7 +70,7 @@ class _Network:
             self.inputs = [i.name for i in self.session.get_inputs()]
             meta = self.session.get_modelmeta().custom_metadata_map
             self.gain = float(meta.get(CHROMA_GAIN_PROP, 1.0))
-            self.members = int(meta.get("archivecolor.members", "1")) if MEMBER in self.inputs else 1
+            self.members = int(meta.get(MEMBERS_PROP, "1")) if MEMBER in self.inputs else 1
             self.unet = None
         else:
             from export.onnx_export import load_unet
