@@ -17,9 +17,9 @@ import numpy as np
 from archivecolor.color import denormalise_ab, normalise_ab, normalise_l, rgb_to_lab
 from archivecolor.errors import ImageReadError, UsageError
 from archivecolor.imageio import Scan, from_upright, read_image, to_upright
-from archivecolor.models.layout import FORWARD_MAPS, MEMBER, MEMBERS_PROP, SECOND_AB, SEMANTIC_INPUTS, WARPED_AB
+from archivecolor.models.layout import FORWARD_MAPS, MEMBER, SECOND_AB, SEMANTIC_INPUTS, WARPED_AB
 from archivecolor.models.registry import DEFAULT_BACKBONE, features_name
-from archivecolor.models.session import ModelSession, open_precision, open_session, resolve_precision
+from archivecolor.models.session import ModelSession, networks_in, open_precision, open_session, resolve_precision
 from archivecolor.models.weights import sha256_file
 from archivecolor.upsample import box_mean, recombine, resize_plane, working_size
 
@@ -84,9 +84,7 @@ class Models:
     @property
     def members(self) -> int:
         """How many networks the U-Net graph holds: an ensemble gives each reference's turn to another."""
-        if not any(i.name == MEMBER for i in self.unet.session.get_inputs()):
-            return 1
-        return int(self.unet.session.get_modelmeta().custom_metadata_map.get(MEMBERS_PROP, "1"))
+        return networks_in(self.unet.session)
 
     @property
     def references_wanted(self) -> int:

@@ -18,6 +18,7 @@ from onnx import numpy_helper
 
 from archivecolor.models.layout import CHROMA_GAIN_PROP, MEMBER, MEMBERS_PROP, SECOND_AB
 from archivecolor.models.registry import ASSET_DIR, WEIGHT_MARK
+from archivecolor.models.store import chroma_gain_of
 from archivecolor.models.weights import sha256_bytes
 from archivecolor.nets.correspondence import Correspondence
 from archivecolor.nets.unet import SEMANTIC_FEATURES, ColorUNet
@@ -70,10 +71,6 @@ def export_unet(unet: ColorUNet) -> onnx.ModelProto:
     model = _to_model(unet.eval(), tuple(args), unet.input_names(), ["ab", "trust"], axes)
     onnx.helper.set_model_props(model, {CHROMA_GAIN_PROP: repr(unet.chroma_gain)})
     return model
-
-
-def chroma_gain_of(model: onnx.ModelProto) -> float:
-    return float({p.key: p.value for p in model.metadata_props}.get(CHROMA_GAIN_PROP, 1.0))
 
 
 def compose_unets(members: list[onnx.ModelProto], chroma_gain: float) -> onnx.ModelProto:

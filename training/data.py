@@ -188,6 +188,15 @@ class PairCache:
     def photo_of(self, row: int) -> int:
         return row // self.per_photo
 
+    def validation_turns(self) -> list[list[int]]:
+        """Per validation photo, the rows of its retrieved references (the realistic case): the references that
+        take turns giving the colours."""
+        photos: dict[int, list[int]] = {}
+        for row, pair in enumerate(self.meta):
+            if pair["split"] == "val" and pair["kind"] == "retrieved":
+                photos.setdefault(self.photo_of(row), []).append(row)
+        return list(photos.values())
+
     def second_of(self, row: int) -> int:
         """The row whose warped ab is ``row``'s second opinion: another retrieved reference of the same photo
         (the next one, the last wrapping to the first), or the row itself for a self reference, which

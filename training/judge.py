@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from archivecolor.models.layout import CHROMA_GAIN_PROP, MEMBER, MEMBERS_PROP, SECOND_AB, WARPED_AB
+from archivecolor.models.layout import MEMBER, SECOND_AB, WARPED_AB
 from training.data import PairCache
 from training.train import chroma, psnr_rgb
 
@@ -33,17 +33,6 @@ class Verdict:
                 "chroma_ratio": round(self.chroma_ratio, 4), "per_photo": [round(p, 4) for p in self.per_photo]}
 
 
-def validation_turns(cache: PairCache) -> list[list[int]]:
-    """Per validation photo, its retrieved rows: the references that take turns."""
-    photos: dict[int, list[int]] = {}
-    for row, pair in enumerate(cache.meta):
-        if pair["split"] == "val" and pair["kind"] == "retrieved":
-            photos.setdefault(cache.photo_of(row), []).append(row)
-    if not photos:
-        raise ValueError("the pair cache holds no validation photos with retrieved references")
-    return list(photos.values())
-
-
 def _rows(cache: PairCache, rows: list[int]) -> dict[str, np.ndarray]:
     """The U-Net's inputs for ``rows`` (float32), by graph input name."""
     photos = [cache.photo_of(r) for r in rows]
@@ -60,6 +49,7 @@ class _Network:
         if path.suffix == ".onnx":
             import onnxruntime as ort
 
+            from archivecolor.models.session import chroma_gain_in, networks_in
             from archivecolor.models.store import widen_float16
 
             try:
@@ -68,9 +58,7 @@ class _Network:
             except Exception as exc:  # protobuf's and ONNX Runtime's errors have no common public type
                 raise ValueError(f"{path}: not an ONNX graph ONNX Runtime can run ({exc}); pass an exported U-Net") from exc
             self.inputs = [i.name for i in self.session.get_inputs()]
-            meta = self.session.get_modelmeta().custom_metadata_map
-            self.gain = float(meta.get(CHROMA_GAIN_PROP, 1.0))
-            self.members = int(meta.get(MEMBERS_PROP, "1")) if MEMBER in self.inputs else 1
+            self.gain, self.members = chroma_gain_in(self.session), networks_in(self.session)
             self.unet = None
         else:
             from export.onnx_export import load_unet
@@ -98,7 +86,9 @@ def judge(candidates: list[Path], cache: PairCache, gains: list[float]) -> list[
     An ensemble gives turn k to network k mod M, as the pipeline does; the photos are the cache's validation photos
     with their retrieved references.
     """
-    turns = validation_turns(cache)
+    turns = cache.validation_turns()
+    if not turns:
+        raise ValueError("the pair cache holds no validation photos with retrieved references")
     rows = [r for photo in turns for r in photo]
     truth = torch.from_numpy(np.asarray(cache.ab[[photo[0] for photo in turns]], dtype=np.float32))
     l01 = torch.from_numpy(np.asarray(cache.x[[photo[0] for photo in turns]][:, :1], dtype=np.float32))

@@ -77,15 +77,22 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     return torch.load(path, map_location=device, weights_only=True)
 
 
+def write_slim(ckpt: dict, model: dict[str, torch.Tensor], out: Path, **extra) -> dict:
+    """Write ``model`` (floating-point tensors as float16: loading casts them back) with ``ckpt``'s epoch,
+    configuration and history, no optimiser, atomically; returns what was written."""
+    slim = {k: ckpt[k] for k in ("epoch", "config", "history", "backbone", "weight_source") if k in ckpt}
+    slim.update(extra, model={k: v.half() if v.is_floating_point() else v for k, v in model.items()})
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(slim, tmp)
+    tmp.replace(out)
+    return slim
+
+
 def slim_checkpoint(checkpoint: Path, out: Path) -> int:
     """Write ``checkpoint``'s model, configuration and history without the optimiser, floating-point tensors
-    as float16 (loading casts them back); returns the bytes written."""
+    as float16; returns the bytes written."""
     ckpt = load_checkpoint(checkpoint)
-    model = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
-    keep = {k: ckpt[k] for k in ("epoch", "config", "history", "backbone", "weight_source") if k in ckpt}
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save({**keep, "model": model}, tmp)
-    tmp.replace(out)
+    write_slim(ckpt, ckpt["model"], out)
     return out.stat().st_size
 
 
@@ -102,18 +109,10 @@ def average_checkpoints(checkpoints: list[Path], out: Path) -> dict:
     mismatched = [str(path) for path, c in zip(checkpoints, loaded) if c["model"].keys() != last["model"].keys()]
     if mismatched:
         raise ValueError(f"{', '.join(mismatched)}: another network than {checkpoints[-1]}'s; average one run's epochs")
-    model = {}
-    for name, tensor in last["model"].items():
-        if tensor.is_floating_point():
-            model[name] = (sum(c["model"][name].float() for c in loaded) / len(loaded)).half()
-        else:  # counters (BatchNorm's batches seen): the last one's
-            model[name] = tensor
-    keep = {k: last[k] for k in ("epoch", "config", "history", "backbone", "weight_source") if k in last}
-    averaged = {**keep, "model": model, "averaged_epochs": [int(c["epoch"]) for c in loaded]}
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(averaged, tmp)
-    tmp.replace(out)
-    return averaged
+    # counters (BatchNorm's batches seen) are not averaged: the last one's
+    model = {name: sum(c["model"][name].float() for c in loaded) / len(loaded) if tensor.is_floating_point() else tensor
+             for name, tensor in last["model"].items()}
+    return write_slim(last, model, out, averaged_epochs=[int(c["epoch"]) for c in loaded])
 
 
 def psnr_rgb(l01: torch.Tensor, ab_pred: torch.Tensor, ab_true: torch.Tensor) -> torch.Tensor:
@@ -161,9 +160,7 @@ class Trainer:
                 raise SystemExit(f"{folder}: holds only the validation pairs (an online run made it); pass --pairs "
                                  "with another folder to precompute every photo's pairs")
             self.train_photos = [i for i in range(len(self.pairs.meta) // per) if self.pairs.meta[i * per]["split"] == "train"]
-        # Retrieved references only: the realistic case.
-        self.val_rows = [row for row, pair in enumerate(self.pairs.meta)
-                         if pair["split"] == "val" and pair["kind"] == "retrieved"]
+        self.val_rows = [row for turns in self.pairs.validation_turns() for row in turns]
         self.model = ColorUNet(width=config.width, semantic=config.semantic,
                                second_opinion=config.second_opinion).to(self.device)
         self.optimiser = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -227,7 +224,6 @@ class Trainer:
                              f"{wanted[1]}, {wanted[2]}: pick a configuration that matches it")
         self.model.load_state_dict(net.state_dict())
         self.config = replace(self.config, frozen_batchnorm=True)
-        self.train_mode()
 
     def train_mode(self) -> None:
         self.model.train()

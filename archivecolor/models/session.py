@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from archivecolor.errors import ModelNotFound, ProviderUnavailable, UsageError
-from archivecolor.models.layout import OPTIONAL_INPUTS
+from archivecolor.models.layout import CHROMA_GAIN_PROP, MEMBER, MEMBERS_PROP, OPTIONAL_INPUTS
 from archivecolor.models.registry import FLOAT16_MARK
 from archivecolor.models.store import InstalledModel, model_dir, read_manifest, verified_path, widen_float16
 from archivecolor.models.weights import sha256_bytes
@@ -172,6 +172,18 @@ def open_session(name: str, provider: str = "auto", home: Path | None = None, th
         raise ProviderUnavailable(f"{path}: CUDA was requested but ONNX Runtime fell back to {actual[0]}; "
                                   f"check the CUDA 13 / cuDNN 9 libraries or use --provider cpu")
     return ModelSession(name, entry, session)
+
+
+def networks_in(session: ort.InferenceSession) -> int:
+    """How many networks a U-Net graph holds: more than one for an ensemble (which reads ``member``)."""
+    if not any(i.name == MEMBER for i in session.get_inputs()):
+        return 1
+    return int(session.get_modelmeta().custom_metadata_map.get(MEMBERS_PROP, "1"))
+
+
+def chroma_gain_in(session: ort.InferenceSession) -> float:
+    """The chroma gain a U-Net graph scales its output ab by (1 where it says none)."""
+    return float(session.get_modelmeta().custom_metadata_map.get(CHROMA_GAIN_PROP, 1.0))
 
 
 PRECISIONS = ("auto", "fp32", "int8")

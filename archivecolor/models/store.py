@@ -18,6 +18,7 @@ from onnx import numpy_helper
 
 from archivecolor.errors import ChecksumMismatch, ModelNotFound, UsageError
 from archivecolor.imageio import atomic_write_bytes
+from archivecolor.models.layout import CHROMA_GAIN_PROP
 from archivecolor.models.registry import (
     DEFAULT_BACKBONE,
     FLOAT16_MARK,
@@ -95,6 +96,11 @@ def fill_weights(template: bytes, state: dict[str, np.ndarray]) -> bytes:
             raise ModelNotFound(f"weights {init.name} have shape {arr.shape}, the graph needs {tuple(init.dims)}")
         init.CopyFrom(numpy_helper.from_array(arr, init.name))
     return model.SerializeToString()
+
+
+def chroma_gain_of(model: onnx.ModelProto) -> float:
+    """The chroma gain a U-Net graph scales its output ab by (1 where it says none)."""
+    return float({p.key: p.value for p in model.metadata_props}.get(CHROMA_GAIN_PROP, 1.0))
 
 
 def widen_float16(data: bytes) -> bytes:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from archivecolor.models.layout import CHROMA_GAIN_PROP, INPUT_CHANNELS, MEMBER, SECOND_AB, SEMANTIC_INPUTS, WARPED_AB
+from archivecolor.models.layout import INPUT_CHANNELS, MEMBER, SECOND_AB, SEMANTIC_INPUTS, WARPED_AB
 
 # The target's VGG features that the U-Net reads as a semantic prior: (name, channels, stride).
 SEMANTIC_FEATURES = tuple(zip(SEMANTIC_INPUTS, (256, 512, 512), (4, 8, 16)))
@@ -135,14 +135,13 @@ def unet_from_graph(path: Path, member: int | None = 0) -> ColorUNet:
     import onnx
     from onnx import numpy_helper
 
-    from archivecolor.models.store import widen_float16
+    from archivecolor.models.store import chroma_gain_of, widen_float16
 
     try:
         model = onnx.load_from_string(widen_float16(Path(path).read_bytes()))
     except Exception as exc:  # protobuf's decode errors have no common public type
         raise ValueError(f"{path}: not an ONNX graph ({exc}); pass a U-Net exported with `python -m export`") from exc
     graph = model.graph
-    props = {p.key: p.value for p in model.metadata_props}
     inputs = [i.name for i in graph.input]
     if member is None and MEMBER in inputs:
         raise ValueError(f"{path}: an ensemble of several networks; pass one network's graph")
@@ -155,7 +154,7 @@ def unet_from_graph(path: Path, member: int | None = 0) -> ColorUNet:
     # The first convolution is the first projection (semantic prior, 4w channels) or the first encoder block.
     width = int(inits[convs[0].input[1]].shape[0]) // (4 if semantic else 1)
     net = ColorUNet(width=width, semantic=semantic, second_opinion=SECOND_AB in inputs,
-                    chroma_gain=float(props.get(CHROMA_GAIN_PROP, 1.0)))
+                    chroma_gain=chroma_gain_of(model))
     batchnorm_after = {}
     for seq in net.modules():
         if isinstance(seq, nn.Sequential):
