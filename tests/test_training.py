@@ -124,6 +124,27 @@ def test_train_resume_and_export(data_root, tmp_path):
     l01, truth = batch.x[0::2, :1], batch.ab[0::2]
     alone = psnr_rgb(l01, (turns["epoch2"][0::2] + turns["epoch2"][1::2]) / 2, truth)
     np.testing.assert_allclose(by["last.pt", 1.0].per_photo, alone.numpy(), atol=1e-3)
+    # What bounds a candidate: gray; its colours as one mean colour per photo; its colours moved to the truth's
+    # mean colour; and the photo's own colours as its lone reference (the self reference, its own second opinion).
+    bounds = {v.candidate.rsplit("/", 1)[-1]: v for v in judge([out / "last.pt"], resumed.pairs, [1.0], ceilings=True)}
+    averaged = (turns["epoch2"][0::2] + turns["epoch2"][1::2]) / 2
+    cast = averaged.mean(dim=(2, 3), keepdim=True)
+    own_rows = [row - 1 for row in rows[0::2]]  # each photo's self reference precedes its retrieved ones
+    own = resumed._batch(resumed.pairs, own_rows)
+    with torch.no_grad():
+        from_own = load_unet(out / "last.pt")[0](own.x, *own.inputs())[0]
+    for name, ab in (("gray", torch.zeros_like(truth)), ("last.pt", averaged),
+                     ("last.pt [its mean colour only]", cast.expand_as(averaged)),
+                     ("last.pt [the truth's mean colour]", averaged - cast + truth.mean(dim=(2, 3), keepdim=True)),
+                     ("last.pt [own colours as reference]", from_own)):
+        np.testing.assert_allclose(bounds[name].per_photo, psnr_rgb(l01, ab.contiguous(), truth).numpy(), atol=1e-3)
+    # An ensemble colours a lone reference with every network and averages them.
+    ensemble_own = [v for v in judge([assets / "unet.onnx"], resumed.pairs, [1.0], ceilings=True)
+                    if v.candidate.endswith("[own colours as reference]")]
+    with torch.no_grad():
+        from_own_first = load_unet(tmp_path / "epoch1.pt")[0](own.x, *own.inputs())[0]
+    both = psnr_rgb(l01, (from_own + from_own_first) / 2, truth).numpy()
+    np.testing.assert_allclose(ensemble_own[0].per_photo, both, atol=0.05)  # float16 storage
     # the ensemble: the first turn by epoch 2's network, the second by epoch 1's
     mixed = psnr_rgb(l01, (turns["epoch2"][0::2] + turns["epoch1"][1::2]) / 2, truth)
     np.testing.assert_allclose(by["unet.onnx", 1.0].per_photo, mixed.numpy(), atol=0.05)  # float16 storage

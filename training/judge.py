@@ -80,34 +80,63 @@ class _Network:
         return self.session.run(["ab"], wanted)[0] / self.gain
 
 
-def judge(candidates: list[Path], cache: PairCache, gains: list[float]) -> list[Verdict]:
+def _predict(network: _Network, cache: PairCache, rows: list[int], member: np.ndarray) -> np.ndarray:
+    return np.concatenate([network(_rows(cache, rows[i : i + BATCH]), member[i : i + BATCH])
+                           for i in range(0, len(rows), BATCH)])
+
+
+def _verdict(name: str, gain: float, ab: torch.Tensor, l01: torch.Tensor, truth: torch.Tensor) -> Verdict:
+    per_photo = psnr_rgb(l01, ab, truth)
+    return Verdict(name, gain, per_photo.mean().item(), (chroma(ab).mean() / chroma(truth).mean()).item(),
+                   per_photo.tolist())
+
+
+def judge(candidates: list[Path], cache: PairCache, gains: list[float], ceilings: bool = False) -> list[Verdict]:
     """Each candidate at each chroma gain (absolute: a graph's own gain is taken out first) on the validation photos.
 
     An ensemble gives turn k to network k mod M, as the pipeline does; the photos are the cache's validation photos
-    with their retrieved references.
+    with their retrieved references. With ``ceilings``, also what bounds the candidate: gray; its colours reduced to
+    each photo's mean colour (how much its spatial colour adds); its colours moved to the truth's mean colour (what a
+    right overall cast would give); and the photo's own colours as its lone reference (what a reference of the
+    photo's very content would give, as a user's well-chosen one can).
     """
     turns = cache.validation_turns()
     if not turns:
         raise ValueError("the pair cache holds no validation photos with retrieved references")
     rows = [r for photo in turns for r in photo]
-    truth = torch.from_numpy(np.asarray(cache.ab[[photo[0] for photo in turns]], dtype=np.float32))
-    l01 = torch.from_numpy(np.asarray(cache.x[[photo[0] for photo in turns]][:, :1], dtype=np.float32))
+    first = [photo[0] for photo in turns]
+    truth = torch.from_numpy(np.asarray(cache.ab[first], dtype=np.float32))
+    l01 = torch.from_numpy(np.asarray(cache.x[first][:, :1], dtype=np.float32))
     turn_of = np.array([k for photo in turns for k in range(len(photo))])
-    true_chroma = chroma(truth).mean()
-    verdicts = []
+    verdicts = [_verdict("gray", 1.0, torch.zeros_like(truth), l01, truth)] if ceilings else []
     for path in candidates:
         network = _Network(path)
-        member = turn_of % network.members
-        predicted = np.concatenate([network(_rows(cache, rows[i : i + BATCH]), member[i : i + BATCH])
-                                    for i in range(0, len(rows), BATCH)])
+        predicted = _predict(network, cache, rows, turn_of % network.members)
         starts = np.cumsum([0] + [len(photo) for photo in turns])
         mean = torch.from_numpy(np.stack([predicted[a:b].mean(axis=0) for a, b in zip(starts[:-1], starts[1:])]))
-        for gain in gains:
-            ab = mean * gain
-            per_photo = psnr_rgb(l01, ab, truth)
-            verdicts.append(Verdict(str(path), gain, per_photo.mean().item(),
-                                    (chroma(ab).mean() / true_chroma).item(), per_photo.tolist()))
+        variants = {str(path): mean}
+        if ceilings:
+            own_cast = mean.mean(dim=(2, 3), keepdim=True)
+            variants[f"{path} [its mean colour only]"] = own_cast.expand_as(mean).contiguous()
+            variants[f"{path} [the truth's mean colour]"] = mean - own_cast + truth.mean(dim=(2, 3), keepdim=True)
+            variants[f"{path} [own colours as reference]"] = _own_reference(network, cache, first)
+        for name, ab in variants.items():
+            verdicts.extend(_verdict(name, gain, ab * gain, l01, truth) for gain in gains)
     return verdicts
+
+
+def _own_reference(network: _Network, cache: PairCache, first_rows: list[int]) -> torch.Tensor:
+    """The network's colours for each validation photo given its self reference (a crop of the photo itself) alone:
+    its own second opinion, coloured by every network of an ensemble and averaged, as the pipeline runs a lone
+    reference."""
+    own = [cache.photo_of(row) * cache.per_photo for row in first_rows]
+    if any(cache.meta[row]["kind"] != "self" for row in own):
+        raise ValueError("the pair cache holds no self references for its validation photos")
+    # Each row once per network, interleaved: every batch then holds rows for every network, which ONNX Runtime
+    # needs (it cannot run a network on an empty share of a batch).
+    m = network.members
+    predicted = _predict(network, cache, [row for row in own for _ in range(m)], np.tile(np.arange(m), len(own)))
+    return torch.from_numpy(predicted.reshape(len(own), m, *predicted.shape[1:]).mean(axis=1))
 
 
 def open_validation_pairs(pairs: Path | None, data: Path, config_name: str, weights: Path | None = None,
