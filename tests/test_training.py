@@ -138,6 +138,16 @@ def test_train_resume_and_export(data_root, tmp_path):
                      ("last.pt [the truth's mean colour]", averaged - cast + truth.mean(dim=(2, 3), keepdim=True)),
                      ("last.pt [own colours as reference]", from_own)):
         np.testing.assert_allclose(bounds[name].per_photo, psnr_rgb(l01, ab.contiguous(), truth).numpy(), atol=1e-3)
+    # Colourfulness as the benchmark measures it, the RGB made by the pipeline's own colour conversion.
+    from archivecolor.bench.metrics import colorfulness
+    from archivecolor.color import lab_to_rgb as pipeline_rgb
+
+    def colourfulness(ab: torch.Tensor) -> float:
+        lab = torch.cat([l01 * 100, ab * 128], dim=1).permute(0, 2, 3, 1).numpy().astype(np.float64)
+        return float(np.mean([colorfulness(np.round(pipeline_rgb(image) * 255).astype(np.uint8)) for image in lab]))
+
+    assert bounds["last.pt"].colourfulness_ratio == pytest.approx(colourfulness(averaged) / colourfulness(truth), rel=0.01)
+    assert bounds["gray"].colourfulness_ratio < 0.01
     # An ensemble colours a lone reference with every network and averages them.
     ensemble_own = [v for v in judge([assets / "unet.onnx"], resumed.pairs, [1.0], ceilings=True)
                     if v.candidate.endswith("[own colours as reference]")]

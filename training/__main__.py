@@ -142,7 +142,7 @@ def judge(
                                   "as its reference: what bounds it"),
 ) -> None:
     """Score U-Nets on the validation photos as the pipeline runs them (each retrieved reference takes a turn,
-    the turns averaged): mean PSNR and chroma over the truth's, at each chroma gain.
+    the turns averaged): mean PSNR, and chroma and colourfulness over the truth's, at each chroma gain.
 
     Example: python -m training judge archivecolor/models/assets/unet.onnx runs/gpu-online/model.pt
     --gain 1.0 --gain 1.24 --pairs runs/cpu-gpu-settle/pairs-160-val
@@ -168,8 +168,8 @@ def judge(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     for v in verdicts:
-        typer.echo(f"{v.candidate}  gain {v.gain:.2f}: PSNR {v.psnr:.3f} dB, chroma {v.chroma_ratio:.3f} of the truth's "
-                   f"({len(v.per_photo)} photos)")
+        typer.echo(f"{v.candidate}  gain {v.gain:.2f}: PSNR {v.psnr:.3f} dB, chroma {v.chroma_ratio:.3f} and "
+                   f"colourfulness {v.colourfulness_ratio:.3f} of the truth's ({len(v.per_photo)} photos)")
     if out is not None:
         out.write_text(json.dumps([v.as_dict() for v in verdicts], indent=1) + "\n")
 

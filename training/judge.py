@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from archivecolor.bench.metrics import colorfulness, rgb01_to_uint8
 from archivecolor.models.layout import MEMBER, SECOND_AB, WARPED_AB
+from archivecolor.nets.colour import lab_to_rgb
 from training.data import PairCache
 from training.train import chroma, psnr_rgb
 
@@ -20,17 +22,23 @@ BATCH = 16
 
 @dataclass
 class Verdict:
-    """A candidate at one chroma gain: mean validation PSNR (dB) and chroma over the truth's, per photo PSNR."""
+    """A candidate at one chroma gain: mean validation PSNR (dB), chroma over the truth's, mean colourfulness (the
+    benchmark's measure, in RGB) over the truth's, and each photo's PSNR.
+
+    Both colour measures, because they part: the mean chroma counts a flat tint as fully as colour that varies
+    across the picture, colourfulness counts it at 0.3 (a flat cast scaled up buys chroma, not colourfulness)."""
 
     candidate: str
     gain: float
     psnr: float
     chroma_ratio: float
+    colourfulness_ratio: float
     per_photo: list[float]
 
     def as_dict(self) -> dict:
         return {"candidate": self.candidate, "gain": self.gain, "psnr": round(self.psnr, 4),
-                "chroma_ratio": round(self.chroma_ratio, 4), "per_photo": [round(p, 4) for p in self.per_photo]}
+                "chroma_ratio": round(self.chroma_ratio, 4), "colourfulness_ratio": round(self.colourfulness_ratio, 4),
+                "per_photo": [round(p, 4) for p in self.per_photo]}
 
 
 def _rows(cache: PairCache, rows: list[int]) -> dict[str, np.ndarray]:
@@ -85,10 +93,16 @@ def _predict(network: _Network, cache: PairCache, rows: list[int], member: np.nd
                            for i in range(0, len(rows), BATCH)])
 
 
+def _colourfulness(l01: torch.Tensor, ab: torch.Tensor) -> float:
+    """Mean Hasler–Süsstrunk colourfulness of the 8-bit RGB images, as the benchmark measures it."""
+    rgb = rgb01_to_uint8(lab_to_rgb(l01, ab).permute(0, 2, 3, 1).numpy())
+    return float(np.mean([colorfulness(image) for image in rgb]))
+
+
 def _verdict(name: str, gain: float, ab: torch.Tensor, l01: torch.Tensor, truth: torch.Tensor) -> Verdict:
     per_photo = psnr_rgb(l01, ab, truth)
     return Verdict(name, gain, per_photo.mean().item(), (chroma(ab).mean() / chroma(truth).mean()).item(),
-                   per_photo.tolist())
+                   _colourfulness(l01, ab) / _colourfulness(l01, truth), per_photo.tolist())
 
 
 def judge(candidates: list[Path], cache: PairCache, gains: list[float], ceilings: bool = False) -> list[Verdict]:
