@@ -165,7 +165,6 @@ def open_validation_pairs(pairs: Path | None, data: Path, config_name: str, weig
             raise ValueError(f"{pairs}: no finished pair cache (pairs.json); pass a training run's pairs-<size> or "
                              "pairs-<size>-val folder, or leave --pairs out to build the validation pairs")
         return PairCache.open(pairs)
-    from archivecolor.models.weights import load_backbone_weights
     from archivecolor.nets.vgg import VGGFeatures
     from training.data import build_pairs, list_photos, split
 
@@ -174,10 +173,8 @@ def open_validation_pairs(pairs: Path | None, data: Path, config_name: str, weig
     if not photos:
         raise ValueError(f"no training photos under {data}; pass --data pointing at shared/data")
     _, held_out = split(photos, config.validation_every)
-    state, _ = load_backbone_weights("vgg16", weights)
-    vgg = VGGFeatures("vgg16")
-    vgg.load_numpy(state)
+    vgg, _ = VGGFeatures.pretrained(weights)
     folder = Path("runs") / f"pairs-{config.size}-val"
-    return build_pairs(photos, folder, config, vgg.eval(), torch.device("cpu"), held_out=set(held_out),
+    return build_pairs(photos, folder, config, vgg, torch.device("cpu"), held_out=set(held_out),
                        validation_only=True, progress=progress)
 

@@ -22,7 +22,6 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from archivecolor.models.layout import L_CHANNEL, WARPED_AB
-from archivecolor.models.weights import load_backbone_weights
 from archivecolor.nets.colour import lab_to_rgb
 from archivecolor.nets.unet import ColorUNet, unet_from_graph
 from archivecolor.nets.vgg import VGGFeatures
@@ -136,10 +135,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest convolutions
         seed_everything(config.seed)
-        state, self.weight_source = load_backbone_weights("vgg16", weights, download_dir=out / "downloads")
-        self.vgg = VGGFeatures("vgg16")
-        self.vgg.load_numpy(state)
-        self.vgg.eval().to(self.device)
+        self.vgg, self.weight_source = VGGFeatures.pretrained(weights, download_dir=out / "downloads")
+        self.vgg.to(self.device)
         photos = list_photos(data_root)
         if not photos:
             raise SystemExit(f"no training photos under {data_root}; pass --data pointing at shared/data")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
+from archivecolor.models.weights import WeightSource, load_backbone_weights
 from archivecolor.nets.colour import l_to_gray_srgb
 
 # Index in torchvision's `features` of the ReLU after each matching layer (last conv of each block).
@@ -40,6 +43,15 @@ class VGGFeatures(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         for p in self.parameters():
             p.requires_grad_(False)
+
+    @classmethod
+    def pretrained(cls, weights: Path | None = None, download_dir: Path | None = None) -> tuple[VGGFeatures, WeightSource]:
+        """VGG-16 with its ImageNet weights, in eval mode, from the sources ``load_backbone_weights`` tries, and
+        which source gave them."""
+        state, source = load_backbone_weights("vgg16", weights, download_dir=download_dir)
+        vgg = cls("vgg16")
+        vgg.load_numpy(state)
+        return vgg.eval(), source
 
     def load_numpy(self, state: dict[str, np.ndarray]) -> None:
         """Load a torchvision-named numpy state dict (all keys must match)."""
