@@ -21,7 +21,7 @@ from archivecolor.models.registry import ASSET_DIR, WEIGHT_MARK
 from archivecolor.models.store import chroma_gain_of
 from archivecolor.models.weights import sha256_bytes
 from archivecolor.nets.correspondence import Correspondence
-from archivecolor.nets.unet import SEMANTIC_FEATURES, ColorUNet
+from archivecolor.nets.unet import SEMANTIC_FEATURES, ColorUNet, load_checkpoint
 from archivecolor.nets.vgg import FEATURE_CHANNELS, VGGFeatures
 
 OPSET = 17
@@ -173,7 +173,7 @@ GRAPHS = ("features", "correspondence", "unet")
 
 def load_unet(checkpoint: Path, chroma_gain: float = 1.0) -> tuple[ColorUNet, dict]:
     """The U-Net of a training checkpoint (eval mode), its output ab scaled by ``chroma_gain``, and the checkpoint."""
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(checkpoint)
     config = ckpt["config"]
     unet = ColorUNet(width=config["width"], semantic=config.get("semantic", False),
                      second_opinion=config.get("second_opinion", False), chroma_gain=chroma_gain)

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from archivecolor.models.layout import L_CHANNEL, WARPED_AB
 from archivecolor.nets.colour import lab_to_rgb
-from archivecolor.nets.unet import ColorUNet, unet_from_graph
+from archivecolor.nets.unet import ColorUNet, load_checkpoint, unet_from_graph
 from archivecolor.nets.vgg import VGGFeatures
 from training.config import TrainConfig
 from training.data import Batch, OnlinePairs, PairCache, build_pairs, list_photos, split
@@ -69,11 +69,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
-    """A training checkpoint, read without running any code from the file (tensors and plain data only)."""
-    return torch.load(path, map_location=device, weights_only=True)
 
 
 def write_slim(ckpt: dict, model: dict[str, torch.Tensor], out: Path, **extra) -> dict:

@@ -123,6 +123,11 @@ class ColorUNet(nn.Module):
         return ab, trust
 
 
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """A training checkpoint, read without running any code from the file (tensors and plain data only)."""
+    return torch.load(path, map_location=device, weights_only=True)
+
+
 def unet_from_graph(path: Path, member: int | None = 0) -> ColorUNet:
     """The network of an exported U-Net graph (of an ensemble, network ``member``; None refuses an ensemble), its
     chroma gain included.
