@@ -88,9 +88,9 @@ class _Network:
         return self.session.run(["ab"], wanted)[0] / self.gain
 
 
-def _predict(network: _Network, cache: PairCache, rows: list[int], member: np.ndarray) -> np.ndarray:
-    return np.concatenate([network(_rows(cache, rows[i : i + BATCH]), member[i : i + BATCH])
-                           for i in range(0, len(rows), BATCH)])
+def _predict(network: _Network, cache: PairCache, rows: list[int], member: np.ndarray, batch: int = BATCH) -> np.ndarray:
+    return np.concatenate([network(_rows(cache, rows[i : i + batch]), member[i : i + batch])
+                           for i in range(0, len(rows), batch)])
 
 
 def _colourfulness(l01: torch.Tensor, ab: torch.Tensor) -> float:
@@ -145,11 +145,13 @@ def _own_reference(network: _Network, cache: PairCache, first_rows: list[int]) -
     reference."""
     own = [cache.photo_of(row) * cache.per_photo for row in first_rows]
     if any(cache.meta[row]["kind"] != "self" for row in own):
-        raise ValueError("the pair cache holds no self references for its validation photos")
-    # Each row once per network, interleaved: every batch then holds rows for every network, which ONNX Runtime
-    # needs (it cannot run a network on an empty share of a batch).
+        raise ValueError("the pair cache holds no self references for its validation photos; pass one a training run "
+                         "built (pairs-<size> or pairs-<size>-val), or leave out --ceilings")
+    # Each row once per network, interleaved, in batches of whole rounds: every batch holds rows for every network,
+    # which ONNX Runtime needs (it cannot run a network on an empty share of a batch).
     m = network.members
-    predicted = _predict(network, cache, [row for row in own for _ in range(m)], np.tile(np.arange(m), len(own)))
+    predicted = _predict(network, cache, [row for row in own for _ in range(m)], np.tile(np.arange(m), len(own)),
+                         batch=max(1, BATCH // m) * m)
     return torch.from_numpy(predicted.reshape(len(own), m, *predicted.shape[1:]).mean(axis=1))
 
 
