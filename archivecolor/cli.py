@@ -482,8 +482,8 @@ def bench(
     references: Path = typer.Option(None, help="folder of references to index for this benchmark"),
     size: int = typer.Option(224, help="evaluate at SIZE×SIZE (the seed's protocol)"),
     native: bool = typer.Option(False, "--native", help="evaluate at full resolution through the run path"),
-    methods: str = typer.Option(",".join(("gray", "global", "warp-only", "exemplar", "top-k")),
-                                help="comma-separated: gray, global, warp-only, exemplar, top-k"),
+    methods: str = typer.Option(None, help="comma-separated: gray, global, warp-only, exemplar, top-k [default: all; "
+                                "all but top-k with --same-scene]"),
     limit: int = typer.Option(None, help="only the first N images"),
     out: Path = typer.Option(Path("bench-report"), help="report folder"),
     provider: str = ProviderOpt,
@@ -493,6 +493,8 @@ def bench(
     lpips_net: str = typer.Option("alex", help="LPIPS backbone: alex or vgg"),
     colour_strength: float = typer.Option(1.0, "--colour-strength", help="scale the model's colours as `run "
                                           "--colour-strength` does, to measure the trade on your photos"),
+    same_scene: bool = typer.Option(False, "--same-scene", help="colour each photo's second half (right or bottom) "
+                                    "from its first half, a reference of the same scene, instead of retrieving one"),
     pairs: Path = typer.Option(None, help="He et al. demo folder (input/, res/, pairs.txt) for a side-by-side"),
     retrieval: bool = typer.Option(False, "--retrieval", help="time catalogue queries at 10k, 100k and 1M embeddings"),
     speed: Path = typer.Option(None, "--speed", help="time `run` on this folder of gray scans (scans/s, stages, peak RSS)"),
@@ -507,7 +509,7 @@ def bench(
 
     Example: archivecolor bench ../shared/data/kodak24 --references ../shared/data/sun-hays80
     """
-    from archivecolor.bench import BenchOptions, retrieval_latency, run_bench, run_pairs, run_speed
+    from archivecolor.bench import METHODS, BenchOptions, retrieval_latency, run_bench, run_pairs, run_speed
 
     modes = [name for name, given in (("TESTSETS", bool(testsets)), ("--pairs", pairs is not None),
                                       ("--retrieval", retrieval), ("--speed", speed is not None)) if given]
@@ -552,10 +554,13 @@ def bench(
         raise UsageError("pass one or more TESTSET folders (or --pairs DIR)")
     if lpips_net not in ("alex", "vgg"):
         raise UsageError(f"--lpips-net {lpips_net!r}: choose alex or vgg")
-    options = BenchOptions(catalog=catalog, references=references, size=None if native else size,
-                           methods=tuple(m.strip() for m in methods.split(",") if m.strip()), limit=limit, out=out,
-                           provider=provider, lpips_net=lpips_net, precision=precision, model_path=model_path,
-                           colour_strength=colour_strength)
+    if methods is None:
+        chosen = tuple(m for m in METHODS if not (same_scene and m == "top-k"))
+    else:
+        chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
+    options = BenchOptions(catalog=catalog, references=references, size=None if native else size, methods=chosen,
+                           limit=limit, out=out, provider=provider, lpips_net=lpips_net, precision=precision,
+                           model_path=model_path, colour_strength=colour_strength, same_scene=same_scene)
     with _progress() as bar:
         task = bar.add_task("benchmark", total=None, rate="")
         report = run_bench(testsets, options, lambda n, total, name: bar.update(task, completed=n, total=total,

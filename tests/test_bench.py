@@ -264,3 +264,43 @@ def test_colour_strength_in_the_benchmark_scales_the_exemplar_colours(tmp_path, 
         bench.run_bench([tests], bench.BenchOptions(references=refs, out=tmp_path / "bad", home=models_home,
                                                     colour_strength=3.0))
     assert not (tmp_path / "bad").exists()
+
+
+def test_same_scene_colours_each_photos_second_half_from_its_first(tmp_path, models_home):
+    from archivecolor.bench.report import lab_rgb
+    from archivecolor.pipeline import reference_from_lab
+
+    wide, tall = colour_photos(2)
+    tall = np.ascontiguousarray(np.rot90(tall))
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    for name, photo in (("a-wide.png", wide), ("b-tall.png", tall)):
+        Image.fromarray(photo).save(tests / name)
+    options = bench.BenchOptions(same_scene=True, methods=("gray", "global", "exemplar"), out=tmp_path / "report",
+                                 home=models_home)
+    report = bench.run_bench([tests], options)
+    assert report["protocol"]["catalog"] is None and "first half" in report["protocol"]["reference"]
+    assert [s["reference"].endswith("first half") for s in report["samples"]] == [True, True]
+    assert (tmp_path / "report" / "examples.png").stat().st_size > 0
+
+    # The target is the right (bottom) half at 224×224 and the reference the left (top) half: global transfer from
+    # that reference, computed here, scores what the benchmark reports; from the other half it would not.
+    def global_psnr(reference: np.ndarray, target: np.ndarray) -> float:
+        truth = np.asarray(Image.fromarray(target).resize((224, 224), Image.BICUBIC))
+        l = rgb_to_lab(truth)[..., 0]
+        ref = reference_from_lab("ref", rgb_to_lab(reference), 224)
+        ref_lab = np.dstack([ref.l[0, 0] * 100, ref.ab[0].transpose(1, 2, 0) * 128])
+        return bench.psnr(lab_rgb(l, bench.global_transfer(l, ref_lab)), truth)
+
+    w, h = wide.shape[1] // 2, tall.shape[0] // 2
+    splits = [(wide[:, :w], wide[:, w:]), (tall[:h], tall[h:])]
+    reported = report["methods"]["global"]["psnr"]["values"]
+    assert reported == pytest.approx([global_psnr(first, second) for first, second in splits], abs=1e-4)
+    assert reported != pytest.approx([global_psnr(second, first) for first, second in splits], abs=0.1)
+    # A reference of the same scene gives the exemplar colour worth having.
+    assert np.mean(report["methods"]["exemplar"]["psnr"]["values"]) > np.mean(report["methods"]["gray"]["psnr"]["values"]) + 1
+
+    with pytest.raises(UsageError, match="leave out --catalog"):
+        bench.run_bench([tests], bench.BenchOptions(same_scene=True, catalog=tmp_path / "c.sqlite", home=models_home))
+    with pytest.raises(UsageError, match="leave top-k out"):
+        bench.run_bench([tests], bench.BenchOptions(same_scene=True, home=models_home))

@@ -79,3 +79,10 @@ def test_bench_from_the_command_line_writes_a_report_of_the_chosen_methods(tmp_p
     assert "exemplar" in result.output and (out / "report.md").stat().st_size > 0
     unknown = runner.invoke(app, ["bench", str(tests), "--references", str(refs), "--methods", "gray,sepia"])
     assert unknown.exit_code == 2 and "sepia" in unknown.output
+    # --same-scene: no catalogue, and every method but top-k, which needs several references.
+    same = runner.invoke(app, ["bench", str(tests), "--same-scene", "--size", "96", "--out", str(tmp_path / "same")])
+    assert same.exit_code == 0, same.output
+    assert list(json.loads((tmp_path / "same" / "report.json").read_text())["methods"]) == [
+        "gray", "global", "warp-only", "exemplar"]
+    with_catalogue = runner.invoke(app, ["bench", str(tests), "--same-scene", "--references", str(refs)])
+    assert with_catalogue.exit_code == 2 and "leave out --catalog and --references" in with_catalogue.output

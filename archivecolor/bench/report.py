@@ -24,6 +24,8 @@ def lab_rgb(l: np.ndarray, ab: np.ndarray) -> np.ndarray:
 
 def markdown(report: dict) -> str:
     lines = [f"# archivecolor benchmark ({report['protocol']['size']})", ""]
+    if "reference" in report["protocol"]:
+        lines += [f"References: {report['protocol']['reference']}.", ""]
     lines.append("| method | n | PSNR (dB) | SSIM | MSE | LPIPS | colourfulness | of the truth's |")
     lines.append("|---|---|---|---|---|---|---|---|")
     for name, m in report["methods"].items():
@@ -87,7 +89,7 @@ def write_figures(samples: list[Sample], scores: dict, methods: tuple[str, ...],
         fig, axes = plt.subplots(3, 4, figsize=(12, 9))
         for row, (label, i) in enumerate(picks.items()):
             s = samples[i]
-            ref = np.asarray(Image.open(s.reference).convert("RGB"))
+            ref = s.reference_rgb if s.reference_rgb is not None else np.asarray(Image.open(s.reference).convert("RGB"))
             for col, (title, img) in enumerate((("gray", gray_rgb(s.l)), ("reference", ref),
                                                 ("output", s.outputs["exemplar"]), ("ground truth", s.gt))):
                 axes[row, col].imshow(img)

@@ -7,6 +7,7 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from archivecolor.pipeline import (
     StageTimes,
     check_colour_strength,
     predict,
+    reference_from_lab,
     working_l,
 )
 from archivecolor.upsample import recombine, resize_plane
@@ -55,6 +57,7 @@ class BenchOptions:
     precision: str = "auto"
     model_path: Path | None = None  # a U-Net of one's own export instead of the installed one
     colour_strength: float = 1.0  # scales the network's colours (exemplar, top-k), as `run --colour-strength`
+    same_scene: bool = False  # each photo's second half coloured from its first: a reference of the same scene
 
 
 @dataclass
@@ -67,6 +70,7 @@ class Sample:
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
     reference: str = ""
     prediction: Prediction | None = None
+    reference_rgb: np.ndarray | None = None  # a reference that is no file (--same-scene: the photo's first half)
 
 
 def _test_images(dirs: list[Path], limit: int | None) -> list[tuple[Path, str]]:
@@ -82,18 +86,27 @@ def _test_images(dirs: list[Path], limit: int | None) -> list[tuple[Path, str]]:
     return items[:limit] if limit else items
 
 
-def _load_sample(path: Path, group: str, size: int | None) -> Sample:
+def _upright_rgb(path: Path) -> np.ndarray:
     scan = read_image(path)
     pixels = scan.pixels if scan.pixels.ndim == 3 else np.dstack([scan.pixels] * 3)
-    pixels = to_upright(pixels, scan.orientation)
-    pixels = to_uint8(pixels)
+    return to_uint8(to_upright(pixels, scan.orientation))
+
+
+def _sample(pixels: np.ndarray, name: str, group: str, size: int | None, sha256: str) -> Sample:
     if size:
         pixels = np.asarray(Image.fromarray(pixels).resize((size, size), Image.BICUBIC))
     else:  # the working grid needs multiples of 16; crop the few extra rows and columns
         h, w = pixels.shape[0] // 16 * 16, pixels.shape[1] // 16 * 16
         pixels = pixels[:h, :w]
-    lab = rgb_to_lab(pixels)
-    return Sample(path.name, group, pixels, lab[..., 0], sha256_file(path))
+    return Sample(name, group, pixels, rgb_to_lab(pixels)[..., 0], sha256)
+
+
+def halves(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two halves of a photo across its long side: (first, second), left and right or top and bottom."""
+    h, w = pixels.shape[:2]
+    if w >= h:
+        return pixels[:, : w // 2], pixels[:, w // 2 :]
+    return pixels[: h // 2], pixels[h // 2 :]
 
 
 def run_bench(
@@ -104,6 +117,12 @@ def run_bench(
     if unknown:
         raise UsageError(f"--methods: unknown {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
     check_colour_strength(options.colour_strength)
+    if options.same_scene and (options.catalog is not None or options.references is not None):
+        raise UsageError("--same-scene colours each photo's second half from its first half; leave out --catalog "
+                         "and --references")
+    if options.same_scene and "top-k" in options.methods:
+        raise UsageError("--methods top-k fuses several retrieved references; --same-scene gives one, so leave "
+                         "top-k out")
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     catalog_path = options.catalog
@@ -113,13 +132,15 @@ def run_bench(
         catalog_path = out / "references.sqlite"
         index_references(options.references, catalog_path, provider=options.provider, home=options.home,
                          precision=precision)
-    if catalog_path is None:
-        raise UsageError("pass --catalog PATH or --references DIR for the references")
+    if catalog_path is None and not options.same_scene:
+        raise UsageError("pass --catalog PATH or --references DIR for the references (or --same-scene)")
     items = _test_images(testsets, options.limit)
     models = Models.open(options.provider, options.home, precision=precision, unet_path=options.model_path)
     cache = ReferenceCache(models)
-    catalog = Catalog.open(catalog_path)
-    catalog.check_model(models.backbone, models.features.model.sha256, EMBEDDING, models.precision)
+    catalog = None
+    if not options.same_scene:
+        catalog = Catalog.open(catalog_path)
+        catalog.check_model(models.backbone, models.features.model.sha256, EMBEDDING, models.precision)
     lpips_metric = LPIPS(options.lpips_net, download_dir=downloads_dir(options.home))
     times = StageTimes()
     stage = {"decode": 0.0, "recombine": 0.0}
@@ -130,7 +151,12 @@ def run_bench(
     networks = bool({"exemplar", "warp-only", "top-k"} & set(options.methods))
     for n, (path, group) in enumerate(items, 1):
         t = time.perf_counter()
-        sample = _load_sample(path, group, options.size)
+        pixels, sha256 = _upright_rgb(path), sha256_file(path)
+        if options.same_scene:
+            first, second = halves(pixels)
+            sample = _sample(second, path.name, group, options.size, sha256)
+        else:
+            sample = _sample(pixels, path.name, group, options.size, sha256)
         stage["decode"] += time.perf_counter() - t
         l01 = working_l(sample.l, side)
         features = None
@@ -138,12 +164,17 @@ def run_bench(
             t = time.perf_counter()
             features = models.target_features(l01)
             times.features += time.perf_counter() - t
-        # the query `run` would make for this photo
-        query = (features.embedding if features is not None and side == EMBED_SHORT_SIDE
-                 else models.embed(embedding_input(sample.l)))
-        matches = catalog.search(query, k_needed, exclude_sha256={sample.sha256})[0]
-        refs = [cache.load(Path(m.path), m.sha256, side) for m in matches]
-        sample.reference = matches[0].path
+        if options.same_scene:
+            key = f"{sha256}:first-half"
+            refs = [cache.get(key, partial(reference_from_lab, key, rgb_to_lab(first), side))]
+            sample.reference, sample.reference_rgb = f"{path}, first half", first
+        else:
+            # the query `run` would make for this photo
+            query = (features.embedding if features is not None and side == EMBED_SHORT_SIDE
+                     else models.embed(embedding_input(sample.l)))
+            matches = catalog.search(query, k_needed, exclude_sha256={sample.sha256})[0]
+            refs = [cache.load(Path(m.path), m.sha256, side) for m in matches]
+            sample.reference = matches[0].path
         h, w = sample.l.shape
         if "gray" in options.methods:
             sample.outputs["gray"] = lab_rgb(sample.l, np.zeros((h, w, 2), np.float32))
@@ -171,7 +202,8 @@ def run_bench(
         if progress:
             progress(n, len(items), path.name)
     elapsed = time.perf_counter() - started
-    catalog.close()
+    if catalog is not None:
+        catalog.close()
 
     scores: dict[str, dict[str, list[float]]] = {m: {k: [] for k in METRICS} for m in options.methods}
     for s in samples:
@@ -218,7 +250,10 @@ def _report(samples, scores, options, models, elapsed, times, stage, cache, cata
     return {
         "schema_version": 1,
         "protocol": {"size": options.size or "native", "testsets": [str(t) for t in testsets],
-                     "catalog": str(catalog_path), "reference_excludes_self": True, "lpips_net": options.lpips_net,
+                     "catalog": None if options.same_scene else str(catalog_path),
+                     "reference": "each photo's first half; its second half is the target" if options.same_scene
+                     else "retrieved from the catalogue",
+                     "reference_excludes_self": True, "lpips_net": options.lpips_net,
                      "colour_strength": options.colour_strength},
         "ground_truth": {"colorfulness": truth},
         "methods": methods,
