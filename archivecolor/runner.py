@@ -56,6 +56,7 @@ from archivecolor.imageio import (
 from archivecolor.models.session import resolve_precision
 from archivecolor.models.weights import sha256_bytes, sha256_file
 from archivecolor.pipeline import (
+    CHOSEN_REFERENCE_CAST,
     DEFAULT_WORKING_SIZE,
     Models,
     Prediction,
@@ -159,9 +160,17 @@ class RunOptions:
     def ledger_parameters(self) -> dict:
         """The parameters that key the ledger: no paths, since the references are keyed by content."""
         mode = "fixed" if self.reference else "mapping" if self.mapping else "catalogue"
-        return {"top_k": self.top_k, "working_size": self.working_size, "format": self.format,
+        keys = {"top_k": self.top_k, "working_size": self.working_size, "format": self.format,
                 "collection": self.collection, "references": mode, "tiff_compression": self.tiff_compression,
                 "colour_strength": self.colour_strength}
+        if self.chosen_cast:  # outputs from a chosen reference made before it was taken are redone
+            keys["chosen_reference_cast"] = self.chosen_cast
+        return keys
+
+    @property
+    def chosen_cast(self) -> float:
+        """How far a scan coloured from one reference chosen by hand moves its mean colour to that reference's."""
+        return CHOSEN_REFERENCE_CAST if self.reference or self.mapping else 0.0
 
     def check(self) -> None:
         if self.tiff_compression not in TIFF_COMPRESSIONS:
@@ -582,6 +591,8 @@ def write_outputs(ctx: RunContext, job: _Job, prediction: Prediction, loaded: li
         role = "second opinion" if ctx.models.second_opinion and share == 0 else "colours"
         refs.append(dict(chosen, sha256=ref.sha256 or chosen["sha256"], share=round(share, 4),
                          match=round(prediction.similarity[k], 4), role=role))
+        if prediction.cast:
+            refs[-1]["overall_colour"] = prediction.cast
     models, parameters = ctx.models, ctx.options.parameters() | {"batch_size": ctx.options.batch_size,
                                                                    "jobs": ctx.options.jobs}
     digest = record_digest(job.sha256, refs, models.hashes(), models.backbone, models.provider, parameters)
@@ -764,7 +775,7 @@ def colorize_file(ctx: RunContext, source: Path, references: list[dict] | None, 
             retrieve_from_pass(picker, job, features, 0)
         assert job.references is not None
         loaded = [cache.load(Path(r["path"]), r["sha256"], ctx.options.working_size, r) for r in job.references]
-        prediction = predict(ctx.models, job.l_work, [loaded], features=features)[0]
+        prediction = predict(ctx.models, job.l_work, [loaded], features=features, chosen_cast=ctx.options.chosen_cast)[0]
         return write_outputs(ctx, job, prediction, loaded).result
     except MemoryError:
         return FileResult(printable_path(rel), "failed", reason=f"{source}: out of memory; lower --working-size")
@@ -928,7 +939,8 @@ class _Batches:
         if not usable:
             return
         try:
-            predictions = predict(self.ctx.models, l_batch[rows], loaded, self.times, features.select(rows))
+            predictions = predict(self.ctx.models, l_batch[rows], loaded, self.times, features.select(rows),
+                                  self.options.chosen_cast)
         except Exception as exc:
             self._networks_failed(usable, exc, pool)
             return

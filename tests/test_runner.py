@@ -470,3 +470,40 @@ def test_colour_strength_scales_the_colours_keeps_the_lightness_and_redoes_the_f
     assert not (tmp_path / "bad").exists()
     result = _run(scans, "--out", tmp_path / "cli", "--reference", reference, "--colour-strength", "-1")
     assert result.exit_code == 2 and "--colour-strength -1" in result.output
+
+
+def test_a_chosen_reference_moves_the_scans_mean_colour_halfway_to_its_own(tmp_path, reference, models_home):
+    """A reference chosen by hand that colours a scan alone moves the scan's mean colour halfway to the mean of the
+    global transfer from it; the colours around that mean stay the network's. Retrieved references do not, nor do
+    two references together. The sidecar records it, and only chosen-reference runs key the ledger on it."""
+    from archivecolor.color import global_transfer
+    from archivecolor.pipeline import CHOSEN_REFERENCE_CAST, Models, predict, reference_from_lab
+
+    models = Models.open("cpu", models_home, precision="fp32")
+    photos = colour_photos(3, (192, 128))
+    refs = [reference_from_lab(f"r{i}", rgb_to_lab(p), 128) for i, p in enumerate(photos[1:])]
+    for ref in refs:
+        ref.features = models.features_of(ref.l)
+    target_l = rgb_to_lab(photos[0])[..., 0]
+    l = (target_l[None, None] / 100).astype(np.float32)
+    retrieved, chosen = (predict(models, l, [refs[:1]], chosen_cast=c)[0] for c in (0.0, CHOSEN_REFERENCE_CAST))
+    ref_lab = np.dstack([refs[0].l[0, 0] * 100, refs[0].ab[0].transpose(1, 2, 0) * 128])
+    towards = global_transfer(target_l, ref_lab).reshape(-1, 2).mean(axis=0)
+    network = retrieved.ab.reshape(-1, 2).mean(axis=0)
+    assert np.abs(towards - network).max() > 2  # the two overall colours differ, so the move shows
+    np.testing.assert_allclose(chosen.ab - retrieved.ab, np.broadcast_to((towards - network) / 2, chosen.ab.shape),
+                               atol=1e-3)
+    assert (chosen.cast, retrieved.cast) == (CHOSEN_REFERENCE_CAST, 0.0)
+    two = [predict(models, l, [refs], chosen_cast=c)[0].ab for c in (0.0, CHOSEN_REFERENCE_CAST)]
+    np.testing.assert_array_equal(two[0], two[1])
+
+    fixed = RunOptions(out=tmp_path / "out", reference=reference)
+    assert fixed.ledger_parameters()["chosen_reference_cast"] == CHOSEN_REFERENCE_CAST
+    assert "chosen_reference_cast" not in RunOptions(out=tmp_path / "out", catalog=tmp_path / "c.sqlite").ledger_parameters()
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    Image.fromarray(gray_of(photos[0])).save(scans / "a.png")
+    report = colorize_folder(scans, fixed)
+    sidecar = json.loads((tmp_path / "out" / "a.png.json").read_text())
+    jsonschema.validate(sidecar, load_schema())
+    assert report.results[0].status == "done" and sidecar["references"][0]["overall_colour"] == CHOSEN_REFERENCE_CAST

@@ -14,7 +14,14 @@ from archivecolor.color import lab_to_rgb, normalise_l, rgb_to_lab
 from archivecolor.errors import UsageError
 from archivecolor.imageio import read_image, to_upright
 from archivecolor.models.weights import sha256_file
-from archivecolor.pipeline import Models, check_colour_strength, predict, reference_from_lab, upright_lab
+from archivecolor.pipeline import (
+    CHOSEN_REFERENCE_CAST,
+    Models,
+    check_colour_strength,
+    predict,
+    reference_from_lab,
+    upright_lab,
+)
 from archivecolor.upsample import recombine, resize_plane
 from archivecolor.upsample import working_size as fit_working_size
 
@@ -44,7 +51,7 @@ def run_pairs(pairs_dir: Path, out: Path, provider: str = "auto", home: Path | N
         ref_rgb = rgb01_to_uint8(lab_to_rgb(ref_lab))
         reference = reference_from_lab(sha256_file(ref), ref_lab, working_size)
         reference.features = models.features_of(reference.l)
-        pred = predict(models, normalise_l(l_low)[None, None], [[reference]])[0]
+        pred = predict(models, normalise_l(l_low)[None, None], [[reference]], chosen_cast=CHOSEN_REFERENCE_CAST)[0]
         ours = recombine(lightness, pred.ab, pred.l, colour_strength=colour_strength)
         row = {"target": parts[0], "reference": parts[1],
                "ours": {"colorfulness": colorfulness(ours), "ab_overlap": ab_histogram_overlap(rgb_to_lab(ours), ref_lab)}}

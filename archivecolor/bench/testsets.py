@@ -26,6 +26,7 @@ from archivecolor.models.session import INT8_SUFFIX, resolve_precision
 from archivecolor.models.store import downloads_dir, model_dir
 from archivecolor.models.weights import sha256_file
 from archivecolor.pipeline import (
+    CHOSEN_REFERENCE_CAST,
     DEFAULT_WORKING_SIZE,
     Models,
     Prediction,
@@ -182,7 +183,8 @@ def run_bench(
             ref_lab = np.dstack([refs[0].l[0, 0] * 100, refs[0].ab[0].transpose(1, 2, 0) * 128])
             sample.outputs["global"] = lab_rgb(sample.l, global_transfer(sample.l, ref_lab))
         if {"exemplar", "warp-only"} & set(options.methods):
-            pred = predict(models, l01, [refs[: models.references_wanted]], times, features)[0]
+            pred = predict(models, l01, [refs[: models.references_wanted]], times, features,
+                           CHOSEN_REFERENCE_CAST if options.same_scene else 0.0)[0]
             sample.prediction = pred
             t = time.perf_counter()
             sample.outputs["exemplar"] = recombine(sample.l, pred.ab, pred.l, colour_strength=options.colour_strength)
