@@ -116,6 +116,10 @@ class Reference:
     meta: dict = field(default_factory=dict)
     sha256: str = ""  # of the file as it was read (not as a catalogue remembers it)
 
+    def lab(self) -> np.ndarray:
+        """(h, w, 3) CIELAB at working size."""
+        return np.dstack([self.l[0, 0] * 100.0, denormalise_ab(self.ab[0].transpose(1, 2, 0))])
+
 
 def upright_lab(scan: Scan) -> np.ndarray:
     """(H, W, 3) CIELAB of a colour scan, shown upright."""
@@ -305,8 +309,7 @@ CHOSEN_REFERENCE_CAST = 0.5
 
 def reference_cast(l: np.ndarray, reference: Reference) -> np.ndarray:
     """The mean ab (2,) that global transfer from ``reference`` gives a target of lightness ``l`` (h, w; 0–100)."""
-    ref_lab = np.dstack([reference.l[0, 0] * 100.0, denormalise_ab(reference.ab[0].transpose(1, 2, 0))])
-    return global_transfer(l, ref_lab).reshape(-1, 2).mean(axis=0)
+    return global_transfer(l, reference.lab()).reshape(-1, 2).mean(axis=0)
 
 
 def predict(models: Models, l_batch: np.ndarray, references: list[list[Reference]],

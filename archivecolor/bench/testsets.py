@@ -180,8 +180,7 @@ def run_bench(
         if "gray" in options.methods:
             sample.outputs["gray"] = lab_rgb(sample.l, np.zeros((h, w, 2), np.float32))
         if "global" in options.methods:
-            ref_lab = np.dstack([refs[0].l[0, 0] * 100, refs[0].ab[0].transpose(1, 2, 0) * 128])
-            sample.outputs["global"] = lab_rgb(sample.l, global_transfer(sample.l, ref_lab))
+            sample.outputs["global"] = lab_rgb(sample.l, global_transfer(sample.l, refs[0].lab()))
         if {"exemplar", "warp-only"} & set(options.methods):
             pred = predict(models, l01, [refs[: models.references_wanted]], times, features,
                            CHOSEN_REFERENCE_CAST if options.same_scene else 0.0)[0]
