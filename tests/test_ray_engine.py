@@ -49,6 +49,7 @@ def _comparable(record) -> dict:
     return doc
 
 
+@pytest.mark.slow  # Ray runs of all 12 scans; `make test-slow` (CI runs it)
 def test_ray_outputs_are_pixel_identical_to_local_with_a_complete_ledger(tree):
     reference = tree / "reference.png"
     local = colorize_folder(tree / "scans", RunOptions(out=tree / "local", reference=reference))
@@ -81,6 +82,7 @@ def _worker_pids() -> list[int]:
     return pids
 
 
+@pytest.mark.slow  # Ray runs of all 12 scans; `make test-slow` (CI runs it)
 def test_a_worker_killed_mid_run_is_replaced_and_every_file_completes(tree):
     killed = []
 
@@ -114,6 +116,7 @@ def test_a_bad_file_is_a_recorded_failure_and_the_rest_are_done(tree, tmp_path):
     ledger.close()
 
 
+@pytest.mark.slow  # Ray runs of all 12 scans; `make test-slow` (CI runs it)
 def test_resume_after_the_driver_is_interrupted(tree):
     out = tree / "resumed"
     options = RunOptions(out=out, reference=tree / "reference.png", engine="ray")
