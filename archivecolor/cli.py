@@ -316,6 +316,10 @@ def run(
         1.0, "--colour-strength", help="scale the model's colours, 0 (gray) to 2: below 1 safer and duller, above "
         "1 bolder and more often wrong (the shipped model already scales its own by 1.24; 0.8 "
         "takes that back out)"),
+    overall_colour: float = typer.Option(
+        0.5, "--overall-colour", help="for a scan coloured from one reference you chose "
+        "(--reference, a one-reference --mapping row): how far its overall colour moves to the reference's, 0 (the "
+        "network's own) to 1 (the reference's)"),
     batch_size: int = typer.Option(0, help="scans per model batch; 0: auto (2 on the CPU, where larger "
                                            "batches only hold more memory; 4 on CUDA)"),
     provider: str = ProviderOpt,
@@ -351,7 +355,7 @@ def run(
                          format=format, tiff_compression=tiff_compression, overwrite=overwrite, dry_run=dry_run,
                          jobs=jobs, xmp_sidecar=xmp_sidecar, max_pixels=max_pixels, model_path=model_path,
                          engine=engine, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
-                         precision=precision, colour_strength=colour_strength)
+                         precision=precision, colour_strength=colour_strength, overall_colour=overall_colour)
     stop = {"asked": False}
 
     def on_sigint(signum, frame):  # noqa: ANN001 - signal handler signature

@@ -136,6 +136,7 @@ class RunOptions:
     precision: str = "auto"
     # Scales the model's colours (its chroma), 0 to 2: under 1 safer and duller, over 1 bolder and more often wrong.
     colour_strength: float = 1.0
+    overall_colour: float = CHOSEN_REFERENCE_CAST  # how far a scan from one chosen reference takes its overall colour
 
     _PATHS = ("out", "catalog", "reference", "mapping", "home", "model_path")
 
@@ -170,7 +171,7 @@ class RunOptions:
     @property
     def chosen_cast(self) -> float:
         """How far a scan coloured from one reference chosen by hand moves its mean colour to that reference's."""
-        return CHOSEN_REFERENCE_CAST if self.reference or self.mapping else 0.0
+        return self.overall_colour if self.reference or self.mapping else 0.0
 
     def check(self) -> None:
         if self.tiff_compression not in TIFF_COMPRESSIONS:
@@ -188,6 +189,9 @@ class RunOptions:
         if self.gpus_per_worker < 0:
             raise UsageError("--gpus-per-worker must be 0 or more")
         check_colour_strength(self.colour_strength)
+        if not 0.0 <= self.overall_colour <= 1.0:
+            raise UsageError(f"--overall-colour {self.overall_colour}: use 0 (the network's own overall colour) to 1 "
+                             f"(the reference's); {CHOSEN_REFERENCE_CAST:g} is the default")
 
 
 def auto_batch_size(provider: str) -> int:

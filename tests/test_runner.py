@@ -507,3 +507,34 @@ def test_a_chosen_reference_moves_the_scans_mean_colour_halfway_to_its_own(tmp_p
     sidecar = json.loads((tmp_path / "out" / "a.png.json").read_text())
     jsonschema.validate(sidecar, load_schema())
     assert report.results[0].status == "done" and sidecar["references"][0]["overall_colour"] == CHOSEN_REFERENCE_CAST
+
+
+def test_overall_colour_sets_how_far_a_chosen_reference_moves_the_scan(tmp_path, reference, models_home):
+    """`--overall-colour 0` keeps the network's own overall colour (nothing recorded), 1 takes the reference's;
+    outside 0–1 is refused in one line, and the command line's default is the pipeline's."""
+    from archivecolor.pipeline import CHOSEN_REFERENCE_CAST
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    Image.fromarray(gray_of(colour_photos(1, (192, 128))[0])).save(scans / "a.png")
+    pixels, sidecars = {}, {}
+    for share in (0.0, CHOSEN_REFERENCE_CAST, 1.0):
+        out = tmp_path / f"out{share}"
+        result = runner.invoke(app, ["run", str(scans), "--out", str(out), "--reference", str(reference),
+                                     "--overall-colour", str(share), "--quiet"])
+        assert result.exit_code == 0, result.output
+        pixels[share] = read_image(out / "a.png").pixels.astype(np.float64)
+        sidecars[share] = json.loads((out / "a.png.json").read_text())["references"][0]
+    assert "overall_colour" not in sidecars[0.0] and sidecars[1.0]["overall_colour"] == 1.0
+    # The mean colour moves in proportion: half-way lies between none and all of it.
+    means = {k: v.reshape(-1, 3).mean(axis=0) for k, v in pixels.items()}
+    assert np.abs(means[1.0] - means[0.0]).max() > 1.0
+    np.testing.assert_allclose(means[CHOSEN_REFERENCE_CAST], (means[0.0] + means[1.0]) / 2, atol=1.0)
+    refused = runner.invoke(app, ["run", str(scans), "--out", str(tmp_path / "bad"), "--reference", str(reference),
+                                  "--overall-colour", "1.5"])
+    assert refused.exit_code == 2 and "--overall-colour 1.5: use 0" in refused.output
+    assert not (tmp_path / "bad").exists()
+    run_command = next(c for c in app.registered_commands if c.callback.__name__ == "run")
+    import inspect
+
+    assert inspect.signature(run_command.callback).parameters["overall_colour"].default.default == CHOSEN_REFERENCE_CAST
