@@ -99,12 +99,6 @@ def _colourfulness(l01: torch.Tensor, ab: torch.Tensor) -> float:
     return float(np.mean([colorfulness(image) for image in rgb]))
 
 
-def _verdict(name: str, gain: float, ab: torch.Tensor, l01: torch.Tensor, truth: torch.Tensor) -> Verdict:
-    per_photo = psnr_rgb(l01, ab, truth)
-    return Verdict(name, gain, per_photo.mean().item(), (chroma(ab).mean() / chroma(truth).mean()).item(),
-                   _colourfulness(l01, ab) / _colourfulness(l01, truth), per_photo.tolist())
-
-
 def judge(candidates: list[Path], cache: PairCache, gains: list[float], ceilings: bool = False) -> list[Verdict]:
     """Each candidate at each chroma gain (absolute: a graph's own gain is taken out first) on the validation photos.
 
@@ -122,11 +116,18 @@ def judge(candidates: list[Path], cache: PairCache, gains: list[float], ceilings
     truth = torch.from_numpy(np.asarray(cache.ab[first], dtype=np.float32))
     l01 = torch.from_numpy(np.asarray(cache.x[first][:, :1], dtype=np.float32))
     turn_of = np.array([k for photo in turns for k in range(len(photo))])
-    verdicts = [_verdict("gray", 1.0, torch.zeros_like(truth), l01, truth)] if ceilings else []
+    starts = np.cumsum([0] + [len(photo) for photo in turns])
+    true_chroma, true_colourfulness = chroma(truth).mean(), _colourfulness(l01, truth)
+
+    def verdict(name: str, gain: float, ab: torch.Tensor) -> Verdict:
+        per_photo = psnr_rgb(l01, ab, truth)
+        return Verdict(name, gain, per_photo.mean().item(), (chroma(ab).mean() / true_chroma).item(),
+                       _colourfulness(l01, ab) / true_colourfulness, per_photo.tolist())
+
+    verdicts = [verdict("gray", 1.0, torch.zeros_like(truth))] if ceilings else []
     for path in candidates:
         network = _Network(path)
         predicted = _predict(network, cache, rows, turn_of % network.members)
-        starts = np.cumsum([0] + [len(photo) for photo in turns])
         mean = torch.from_numpy(np.stack([predicted[a:b].mean(axis=0) for a, b in zip(starts[:-1], starts[1:])]))
         variants = {str(path): mean}
         if ceilings:
@@ -135,7 +136,7 @@ def judge(candidates: list[Path], cache: PairCache, gains: list[float], ceilings
             variants[f"{path} [the truth's mean colour]"] = mean - own_cast + truth.mean(dim=(2, 3), keepdim=True)
             variants[f"{path} [own colours as reference]"] = _own_reference(network, cache, first)
         for name, ab in variants.items():
-            verdicts.extend(_verdict(name, gain, ab * gain, l01, truth) for gain in gains)
+            verdicts.extend(verdict(name, gain, ab * gain) for gain in gains)
     return verdicts
 
 

@@ -6,11 +6,10 @@ default) and Hasler–Süsstrunk colourfulness. Methods are compared side by sid
 confidence intervals and paired t-tests. The ``bench`` extra brings torch (LPIPS, Grad-CAM), scipy,
 scikit-image and matplotlib; the colorization itself runs on ONNX Runtime.
 
-Modules: ``testsets`` (the test-set run), ``metrics``, ``baselines``, ``stats``, ``report``, ``explain``
+Modules: ``testsets`` (the test-set run), ``metrics``, ``stats``, ``report``, ``explain``
 (Grad-CAM), ``pairs`` (He et al.'s demo pairs), ``speed`` (`--speed`, `--retrieval`).
 """
 
-from archivecolor.bench.baselines import global_transfer
 from archivecolor.bench.explain import UNetGradCAM
 from archivecolor.bench.metrics import (
     HIGHER_IS_BETTER,
@@ -27,6 +26,7 @@ from archivecolor.bench.pairs import run_pairs
 from archivecolor.bench.speed import retrieval_latency, run_speed
 from archivecolor.bench.stats import mean_ci, paired_test
 from archivecolor.bench.testsets import METHODS, BenchOptions, run_bench
+from archivecolor.color import global_transfer  # the `global` method, beside the other colour science
 
 __all__ = [
     "HIGHER_IS_BETTER", "LPIPS", "METHODS", "METRICS", "BenchOptions", "UNetGradCAM", "ab_histogram_overlap",

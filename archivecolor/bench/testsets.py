@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from archivecolor.bench.baselines import global_transfer
 from archivecolor.bench.metrics import LPIPS, METRICS, colorfulness, mse01, psnr, ssim
 from archivecolor.bench.report import lab_rgb, markdown, write_figures
 from archivecolor.bench.stats import mean_ci, paired_test
 from archivecolor.catalog import EMBED_SHORT_SIDE, EMBEDDING, Catalog, catalogue_precision, embedding_input, index_references
-from archivecolor.color import rgb_to_lab, to_uint8
+from archivecolor.color import global_transfer, rgb_to_lab, to_uint8
 from archivecolor.errors import UsageError
 from archivecolor.imageio import file_walk_images, read_image, to_upright
 from archivecolor.models.layout import WARPED_AB
