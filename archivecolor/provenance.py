@@ -61,7 +61,11 @@ def record_digest(source_sha256: str, references: list[dict], models: dict[str, 
                   parameters: dict) -> str:
     """The digest of what a sidecar says made its output. The output's XMP carries it, so `verify` can
     tell a sidecar whose references, models, provider or parameters were edited afterwards."""
-    claims = {"source": source_sha256, "references": [[r["path"], r["sha256"]] for r in references],
+    # A reference's overall colour (a chosen reference's share of the scan's mean colour) changes the pixels;
+    # records made without it digest as before.
+    claims = {"source": source_sha256,
+              "references": [[r["path"], r["sha256"]] + ([r["overall_colour"]] if "overall_colour" in r else [])
+                             for r in references],
               "models": models, "backbone": backbone, "provider": provider,
               "parameters": {k: v for k, v in parameters.items() if k not in _UNDIGESTED_PARAMETERS}}
     return "sha256:" + sha256_bytes(json.dumps(claims, sort_keys=True).encode())

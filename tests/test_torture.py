@@ -276,6 +276,7 @@ def test_verify_follows_a_moved_archive_and_survives_foreign_json(tmp_path, phot
     original = sidecar.read_text()
     doc = json.loads(original)
     edits = {"reference sha256": ("references", [dict(doc["references"][0], sha256="0" * 64)]),
+             "reference overall colour": ("references", [dict(doc["references"][0], overall_colour=1.0)]),
              "provider": ("provider", "CUDAExecutionProvider"),
              "model": ("models", dict(doc["models"], unet="f" * 64)),
              "parameter": ("parameters", dict(doc["parameters"], working_size=512))}
