@@ -12,7 +12,7 @@ from archivecolor.cli import app
 from archivecolor.color import lab_to_rgb, rgb_to_lab
 from archivecolor.errors import CatalogError, ModelNotFound
 from archivecolor.models.quantize import pull_int8
-from archivecolor.models.store import read_manifest
+from archivecolor.models.store import install_file, read_manifest, write_manifest
 from archivecolor.pipeline import Models, load_reference, predict, reference_from_lab
 from tests.conftest import colour_photos
 
@@ -45,6 +45,22 @@ def test_pull_int8_installs_quantized_twins_once(int8_home):
         assert twin.size < manifest[name].size / 2
     again = pull_int8(int8_home)
     assert [new for _, new in again] == [False, False]
+
+
+def test_a_new_correspondence_graph_recalibrates_the_unet_twin(int8_home, tmp_path):
+    """The U-Net twin is calibrated on the correspondence's outputs: another correspondence graph makes it stale."""
+    home = tmp_path / "home"
+    shutil.copytree(int8_home / "models", home / "models")
+    (home / "downloads").symlink_to((int8_home / "downloads").resolve())
+    manifest = read_manifest(home)
+    graph = onnx.load(home / "models" / manifest["correspondence"].file)
+    graph.doc_string = "a later release of the correspondence"
+    manifest["correspondence"] = install_file("correspondence", graph.SerializeToString(),
+                                              manifest["correspondence"].source, home)
+    write_manifest(manifest, home)
+    remade = {entry.name: new for entry, new in pull_int8(home)}
+    assert remade == {"vgg16_features_int8": False, "unet_int8": True}
+    assert read_manifest(home)["unet_int8"].source["calibrated_through"] == manifest["correspondence"].sha256
 
 
 def test_int8_colours_stay_close_to_fp32(int8_home):

@@ -69,7 +69,8 @@ def pull_int8(home: Path | None = None, backbone: str = DEFAULT_BACKBONE, force:
               progress=None) -> list[tuple[InstalledModel, bool]]:
     """Install int8 twins of the installed features graph and U-Net (``models pull`` must have run).
 
-    A twin is current while the float32 file it was made from and the calibration photos are the same.
+    A twin is current while the float32 file it was made from and the calibration photos are the same, and for the
+    U-Net the correspondence graph, which makes the inputs it is calibrated on.
     """
     say = progress or (lambda message: None)
     manifest = read_manifest(home)
@@ -78,8 +79,11 @@ def pull_int8(home: Path | None = None, backbone: str = DEFAULT_BACKBONE, force:
     sources = {name: verified_path(name, home) for name in names}
     done: list[tuple[InstalledModel, bool]] = []
     stale = []
+    correspondence = verified_path("correspondence", home)[1].sha256
     for name in names:
         wanted = {"quantized_from": sources[name][1].sha256, "calibration": calibration}
+        if name == "unet":
+            wanted["calibrated_through"] = correspondence
         twin = manifest.get(name + INT8_SUFFIX)
         if not force and is_current(twin, home, wanted):
             done.append((twin, False))
