@@ -258,11 +258,21 @@ class UNetRows:
     similarity: list[list[float]]  # per target, each reference's mean target→reference similarity
 
 
-def unet_rows(models: Models, l_batch: np.ndarray, references: list[list[Reference]], targets: TargetFeatures) -> UNetRows:
+def correspondence_feeds(l: np.ndarray, target_maps: list[np.ndarray], reference: Reference) -> dict[str, np.ndarray]:
+    """The correspondence graph's inputs for one target (L (1, 1, h, w) and its feature maps) and a reference."""
+    feeds = {"l": l, "ref_ab": reference.ab}
+    feeds.update({f"tf{k + 1}": target_maps[k] for k in range(5)})
+    feeds.update({f"rf{k + 1}": reference.features[k] for k in range(5)})
+    return feeds
+
+
+def unet_rows(models: Models, l_batch: np.ndarray, references: list[list[Reference]], targets: TargetFeatures,
+              chosen: bool = False) -> UNetRows:
     """Run the correspondence for every target and reference and lay out the U-Net's rows.
 
     A second-opinion U-Net runs one row per reference turn; an ensemble gives turn k to member k mod M, and a
-    target with fewer turns than members runs them again until every member has coloured it once.
+    target with fewer turns than members runs them again until every member has coloured it once. ``chosen``:
+    the references were chosen by hand, and a lone one gives its matched colour in place of its warped ab.
     """
     feats = targets.maps
     networks = models.members
@@ -271,10 +281,10 @@ def unet_rows(models: Models, l_batch: np.ndarray, references: list[list[Referen
         target = [f[i : i + 1] for f in feats]
         candidates = []
         for ref in refs:
-            feeds = {"l": l_batch[i : i + 1], "ref_ab": ref.ab}
-            feeds.update({f"tf{k + 1}": target[k] for k in range(5)})
-            feeds.update({f"rf{k + 1}": ref.features[k] for k in range(5)})
-            candidates.append(models.correspondence.run(feeds)[0][0])
+            x13, matched = models.correspondence.run(correspondence_feeds(l_batch[i : i + 1], target, ref))
+            if chosen and len(refs) == 1:  # its colours without the warp's swirls (nets.correspondence)
+                x13[:, WARPED_AB] = matched
+            candidates.append(x13[0])
         if models.second_opinion:  # where the references agree, their colour is likely right
             passes = turns(candidates)
             shares.append([1.0 / len(candidates)] * len(candidates))
@@ -314,20 +324,20 @@ def reference_cast(l: np.ndarray, reference: Reference) -> np.ndarray:
 
 def predict(models: Models, l_batch: np.ndarray, references: list[list[Reference]],
             times: StageTimes | None = None, features: TargetFeatures | None = None,
-            chosen_cast: float = 0.0) -> list[Prediction]:
+            chosen: bool = False, chosen_cast: float = 0.0) -> list[Prediction]:
     """Colorize a batch of same-size targets.
 
     l_batch: (B, 1, h, w) float32 L/100, h and w multiples of 16. references: for each target, one
     or more prepared references (features filled). ``features``: the targets' own VGG pass where it
-    was already run (for retrieval). ``chosen_cast``: for references chosen by hand, how far a target coloured
-    from one of them moves its mean colour to that reference's (``CHOSEN_REFERENCE_CAST``); 0 for retrieved
-    ones. Returns one Prediction per target.
+    was already run (for retrieval). ``chosen``: the references were chosen by hand (not retrieved); a target
+    coloured from one of them alone is given its matched colour (``MATCHED_AB``) and moves its mean colour
+    ``chosen_cast`` of the way to that reference's (``CHOSEN_REFERENCE_CAST``). Returns one Prediction per target.
     """
     times = times if times is not None else StageTimes()
     t0 = time.perf_counter()
     targets = features or models.target_features(l_batch)
     t1 = time.perf_counter()
-    rows = unet_rows(models, l_batch, references, targets)
+    rows = unet_rows(models, l_batch, references, targets, chosen)
     t2 = time.perf_counter()
     ab, trust = models.unet.run(rows.feeds)
     t3 = time.perf_counter()
@@ -340,7 +350,7 @@ def predict(models: Models, l_batch: np.ndarray, references: list[list[Reference
         own = np.flatnonzero(rows.owners == i)
         first = own[0]
         colours, l = denormalise_ab(ab[own].mean(axis=0).transpose(1, 2, 0)), l_batch[i, 0] * 100.0
-        cast = chosen_cast if len(references[i]) == 1 else 0.0
+        cast = chosen_cast if chosen and len(references[i]) == 1 else 0.0
         if cast:
             colours = colours + cast * (reference_cast(l, references[i][0]) - colours.reshape(-1, 2).mean(axis=0))
         predictions.append(Prediction(

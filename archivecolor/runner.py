@@ -169,9 +169,14 @@ class RunOptions:
         return keys
 
     @property
+    def chosen(self) -> bool:
+        """Whether the references are chosen by hand (``--reference``, ``--mapping``), not retrieved."""
+        return bool(self.reference or self.mapping)
+
+    @property
     def chosen_cast(self) -> float:
         """How far a scan coloured from one reference chosen by hand moves its mean colour to that reference's."""
-        return self.overall_colour if self.reference or self.mapping else 0.0
+        return self.overall_colour if self.chosen else 0.0
 
     def check(self) -> None:
         if self.tiff_compression not in TIFF_COMPRESSIONS:
@@ -779,7 +784,8 @@ def colorize_file(ctx: RunContext, source: Path, references: list[dict] | None, 
             retrieve_from_pass(picker, job, features, 0)
         assert job.references is not None
         loaded = [cache.load(Path(r["path"]), r["sha256"], ctx.options.working_size, r) for r in job.references]
-        prediction = predict(ctx.models, job.l_work, [loaded], features=features, chosen_cast=ctx.options.chosen_cast)[0]
+        prediction = predict(ctx.models, job.l_work, [loaded], features=features, chosen=ctx.options.chosen,
+                             chosen_cast=ctx.options.chosen_cast)[0]
         return write_outputs(ctx, job, prediction, loaded).result
     except MemoryError:
         return FileResult(printable_path(rel), "failed", reason=f"{source}: out of memory; lower --working-size")
@@ -944,7 +950,7 @@ class _Batches:
             return
         try:
             predictions = predict(self.ctx.models, l_batch[rows], loaded, self.times, features.select(rows),
-                                  self.options.chosen_cast)
+                                  chosen=self.options.chosen, chosen_cast=self.options.chosen_cast)
         except Exception as exc:
             self._networks_failed(usable, exc, pool)
             return

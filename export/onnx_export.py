@@ -16,11 +16,11 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from archivecolor.models.layout import CHROMA_GAIN_PROP, MEMBER, MEMBERS_PROP, SECOND_AB
+from archivecolor.models.layout import CHROMA_GAIN_PROP, MATCHED_AB, MEMBER, MEMBERS_PROP, SECOND_AB
 from archivecolor.models.registry import ASSET_DIR, WEIGHT_MARK
 from archivecolor.models.store import chroma_gain_of
 from archivecolor.models.weights import sha256_bytes
-from archivecolor.nets.correspondence import Correspondence
+from archivecolor.nets.correspondence import MatchingCorrespondence
 from archivecolor.nets.unet import SEMANTIC_FEATURES, ColorUNet, load_checkpoint
 from archivecolor.nets.vgg import FEATURE_CHANNELS, VGGFeatures
 
@@ -49,11 +49,11 @@ def export_correspondence() -> onnx.ModelProto:
     args = (torch.rand(1, 1, 64, 96), *feats(64, 96), *feats(48, 64), torch.rand(1, 2, 48, 64))
     inputs = ["l"] + [f"tf{i}" for i in range(1, 6)] + [f"rf{i}" for i in range(1, 6)] + ["ref_ab"]
     axes = {"l": {0: "batch", 2: "height", 3: "width"}, "ref_ab": {0: "batch", 2: "ref_height", 3: "ref_width"},
-            "x13": {0: "batch", 2: "height", 3: "width"}}
+            "x13": {0: "batch", 2: "height", 3: "width"}, MATCHED_AB: {0: "batch", 2: "height", 3: "width"}}
     for i in range(1, 6):
         axes[f"tf{i}"] = {0: "batch", 2: f"th{i}", 3: f"tw{i}"}
         axes[f"rf{i}"] = {0: "batch", 2: f"rh{i}", 3: f"rw{i}"}
-    return _to_model(Correspondence().eval(), args, inputs, ["x13"], axes)
+    return _to_model(MatchingCorrespondence().eval(), args, inputs, ["x13", MATCHED_AB], axes)
 
 
 def export_unet(unet: ColorUNet) -> onnx.ModelProto:

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from archivecolor.color import lab_to_rgb, normalise_l, rgb_to_lab
-from archivecolor.pipeline import predict, reference_from_lab
+from archivecolor.models.layout import WARPED_AB
+from archivecolor.pipeline import correspondence_feeds, predict, reference_from_lab
 from tests.conftest import colour_photos, data_dir
 
 
@@ -13,28 +14,52 @@ def _psnr(a, b):
 
 
 def _reconstruction_psnr(models, transform, n):
-    scores = []
+    """Mean PSNR against the photo of its L with the warped ab, and with the matched colour, of a transformed copy."""
+    scores = {"warped": [], "matched": []}
     for photo in colour_photos(n, (224, 224)):
         lab = rgb_to_lab(photo)
         ref = reference_from_lab("r", np.ascontiguousarray(transform(lab)), 224)
         ref.features = models.features_of(ref.l)
-        pred = predict(models, normalise_l(lab[None, None, ..., 0]), [[ref]])[0]
-        warped = np.dstack([lab[..., 0], pred.x13[1:3].transpose(1, 2, 0) * 128])
-        scores.append(_psnr(np.round(lab_to_rgb(warped) * 255), np.round(lab_to_rgb(lab) * 255)))
-    return float(np.mean(scores))
+        l = normalise_l(lab[None, None, ..., 0])
+        x13, matched = models.correspondence.run(correspondence_feeds(l, models.features_of(l), ref))
+        truth = np.round(lab_to_rgb(lab) * 255)
+        for name, ab in (("warped", x13[0, WARPED_AB]), ("matched", matched[0])):
+            colours = np.dstack([lab[..., 0], ab.transpose(1, 2, 0) * 128])
+            scores[name].append(_psnr(np.round(lab_to_rgb(colours) * 255), truth))
+    return {name: float(np.mean(v)) for name, v in scores.items()}
 
 
 def test_shifted_copy_reconstructs_the_colours(models):
     data_dir("kodak24")
     psnr = _reconstruction_psnr(models, lambda lab: np.roll(lab, 20, axis=1), 24)
-    assert psnr > 30.0, psnr
+    # The matched colour is a mean over 8×8 reference cells, so it gives less of a copy's fine colour detail.
+    assert psnr["warped"] > 30.0 and psnr["matched"] > 30.0, psnr
 
 
 def test_flipped_copy_reconstructs_the_colours(models):
     data_dir("kodak24")
     psnr = _reconstruction_psnr(models, lambda lab: lab[:, ::-1], 24)
-    # VGG features are not mirror-symmetric, so a flip is harder than a shift.
-    assert psnr > 28.5, psnr
+    # VGG features are not mirror-symmetric, so a flip is harder than a shift, and a cell matches several
+    # places: the warped ab samples between them, the matched colour averages their colours.
+    assert psnr["warped"] > 28.5 and psnr["matched"] > psnr["warped"] + 0.5, psnr
+
+
+def test_a_reference_chosen_by_hand_gives_the_unet_its_matched_colour(models):
+    """A lone reference chosen by hand gives the U-Net the matched colour in place of the warped ab; a retrieved
+    reference, or two chosen ones, give the warped ab the networks were trained on."""
+    photos = colour_photos(3, (192, 128))
+    refs = [reference_from_lab(f"r{i}", rgb_to_lab(p), 128) for i, p in enumerate(photos[1:])]
+    for ref in refs:
+        ref.features = models.features_of(ref.l)
+    l = normalise_l(rgb_to_lab(photos[0])[None, None, ..., 0])
+    x13, matched = models.correspondence.run(correspondence_feeds(l, models.features_of(l), refs[0]))
+    assert np.abs(matched[0] - x13[0, WARPED_AB]).mean() * 128 > 1  # the two colours differ, so the choice shows
+    chosen, retrieved = (predict(models, l, [refs[:1]], chosen=c)[0] for c in (True, False))
+    np.testing.assert_array_equal(chosen.x13[WARPED_AB], matched[0])
+    np.testing.assert_array_equal(retrieved.x13[WARPED_AB], x13[0, WARPED_AB])
+    np.testing.assert_array_equal(chosen.x13[3:], retrieved.x13[3:])  # the similarity maps are the same
+    two = predict(models, l, [refs], chosen=True)[0]
+    np.testing.assert_array_equal(two.x13[WARPED_AB], x13[0, WARPED_AB])
 
 
 def test_maps_are_bounded_and_the_graph_is_differentiable():

@@ -486,15 +486,16 @@ def test_a_chosen_reference_moves_the_scans_mean_colour_halfway_to_its_own(tmp_p
         ref.features = models.features_of(ref.l)
     target_l = rgb_to_lab(photos[0])[..., 0]
     l = (target_l[None, None] / 100).astype(np.float32)
-    retrieved, chosen = (predict(models, l, [refs[:1]], chosen_cast=c)[0] for c in (0.0, CHOSEN_REFERENCE_CAST))
+    own, chosen = (predict(models, l, [refs[:1]], chosen=True, chosen_cast=c)[0] for c in (0.0, CHOSEN_REFERENCE_CAST))
     ref_lab = np.dstack([refs[0].l[0, 0] * 100, refs[0].ab[0].transpose(1, 2, 0) * 128])
     towards = global_transfer(target_l, ref_lab).reshape(-1, 2).mean(axis=0)
-    network = retrieved.ab.reshape(-1, 2).mean(axis=0)
+    network = own.ab.reshape(-1, 2).mean(axis=0)
     assert np.abs(towards - network).max() > 2  # the two overall colours differ, so the move shows
-    np.testing.assert_allclose(chosen.ab - retrieved.ab, np.broadcast_to((towards - network) / 2, chosen.ab.shape),
+    np.testing.assert_allclose(chosen.ab - own.ab, np.broadcast_to((towards - network) / 2, chosen.ab.shape),
                                atol=1e-3)
-    assert (chosen.cast, retrieved.cast) == (CHOSEN_REFERENCE_CAST, 0.0)
-    two = [predict(models, l, [refs], chosen_cast=c)[0].ab for c in (0.0, CHOSEN_REFERENCE_CAST)]
+    retrieved = predict(models, l, [refs[:1]], chosen_cast=CHOSEN_REFERENCE_CAST)[0]
+    assert (chosen.cast, own.cast, retrieved.cast) == (CHOSEN_REFERENCE_CAST, 0.0, 0.0)
+    two = [predict(models, l, [refs], chosen=True, chosen_cast=c)[0].ab for c in (0.0, CHOSEN_REFERENCE_CAST)]
     np.testing.assert_array_equal(two[0], two[1])
 
     fixed = RunOptions(out=tmp_path / "out", reference=reference)

@@ -312,6 +312,13 @@ def test_online_pairs_are_fresh_views_with_real_references(data_root, tmp_path):
         assert torch.equal(a.retrieved, b.retrieved) and all(torch.equal(f, g) for f, g in zip(a.semantic, b.semantic))
     history = trainer.fit(1)
     assert np.isfinite(history[0]["val_psnr"]) and history[0]["train_loss"] > 0
+    # `matched_colour`: the same draws, the U-Net reading the matched colour (smooth, a mean over the reference's
+    # 8×8 cells) in place of the warped ab; L and the similarity maps unchanged.
+    matched = OnlinePairs(photos, set(val), replace(config, matched_colour=True), trainer.vgg, torch.device("cpu"))
+    warped, colour = (p.batch([0, 1, 2, 3], 0.5, random.Random(1), semantic=False).x for p in (online, matched))
+    assert torch.equal(warped[:, :1], colour[:, :1]) and torch.equal(warped[:, 3:], colour[:, 3:])
+    roughness = [(x[:, 1:3, 1:] - x[:, 1:3, :-1]).abs().mean() for x in (warped, colour)]
+    assert roughness[1] < roughness[0], roughness
 
 
 def test_online_runs_precompute_only_the_validation_pairs_and_they_are_the_full_caches(data_root, tmp_path):

@@ -227,7 +227,7 @@ def build_pairs(
         return PairCache.open(folder)
     rng = random.Random(config.seed)
     size = config.size
-    corr = Correspondence().to(device)
+    corr = Correspondence(matched=config.matched_colour).to(device)
     if neighbours is None:
         colour, views = colour_photos_and_views(photos, size)
         ranked = retrieval_ranks(views, [path in held_out for path in colour], vgg, device)
@@ -313,7 +313,7 @@ class OnlinePairs:
         self.size = config.size
         self.vgg = vgg
         self.device = device
-        self.corr = Correspondence().to(device)
+        self.corr = Correspondence(matched=config.matched_colour).to(device)
         # Kept at the largest size a crop of 60% of the short side needs, so a draw is only a crop and a resize.
         short_side = round(config.size / 0.6)
         self.colour, self.views, self.rgb = [], [], []

@@ -51,7 +51,8 @@ def run_pairs(pairs_dir: Path, out: Path, provider: str = "auto", home: Path | N
         ref_rgb = rgb01_to_uint8(lab_to_rgb(ref_lab))
         reference = reference_from_lab(sha256_file(ref), ref_lab, working_size)
         reference.features = models.features_of(reference.l)
-        pred = predict(models, normalise_l(l_low)[None, None], [[reference]], chosen_cast=CHOSEN_REFERENCE_CAST)[0]
+        pred = predict(models, normalise_l(l_low)[None, None], [[reference]], chosen=True,
+                       chosen_cast=CHOSEN_REFERENCE_CAST)[0]
         ours = recombine(lightness, pred.ab, pred.l, colour_strength=colour_strength)
         row = {"target": parts[0], "reference": parts[1],
                "ours": {"colorfulness": colorfulness(ours), "ab_overlap": ab_histogram_overlap(rgb_to_lab(ours), ref_lab)}}

@@ -182,7 +182,7 @@ def run_bench(
             sample.outputs["global"] = lab_rgb(sample.l, global_transfer(sample.l, refs[0].lab()))
         if {"exemplar", "warp-only"} & set(options.methods):
             pred = predict(models, l01, [refs[: models.references_wanted]], times, features,
-                           CHOSEN_REFERENCE_CAST if options.same_scene else 0.0)[0]
+                           chosen=options.same_scene, chosen_cast=CHOSEN_REFERENCE_CAST)[0]
             sample.prediction = pred
             t = time.perf_counter()
             sample.outputs["exemplar"] = recombine(sample.l, pred.ab, pred.l, colour_strength=options.colour_strength)

@@ -9,6 +9,9 @@ WARPED_AB = slice(1, 3)
 FORWARD_MAPS = slice(3, 8)
 ROUND_TRIP_MAPS = slice(8, 13)
 INPUT_CHANNELS = 13
+# The correspondence graph's second output: the reference's attention-matched colour (B, 2, H, W), ab/128, which
+# the pipeline gives the U-Net in place of WARPED_AB for a reference chosen by hand.
+MATCHED_AB = "matched_ab"
 SECOND_AB = "second_ab"  # the U-Net input of a second reference's warped ab (a second-opinion U-Net)
 # The input of a U-Net ensemble: for each row, which member network colours it (int64, (B,)).
 MEMBER = "member"

@@ -1,7 +1,8 @@
 """Multi-scale bidirectional semantic correspondence, the fast replacement for PatchMatch.
 
 Dense cosine matching runs only at stride 8, where it is cheap; the match is carried to the finer
-layers as a flow field. The output is the U-Net's 13-channel input.
+layers as a flow field. The output is the U-Net's 13-channel input, and the reference's colours where the
+stride-8 attention puts its weight.
 
 The graph is written for ONNX Runtime's CPU provider: every bilinear lookup is one row gather from a
 channel-last table (its GridSample is slower than the whole rest of the graph), each sampling grid's
@@ -152,37 +153,49 @@ class Correspondence(nn.Module):
       l: (B, 1, H, W) target L/100.
       tf1..tf5, rf1..rf5: target and reference VGG features at strides 1, 2, 4, 8, 16.
       ref_ab: (B, 2, Hr, Wr) reference ab/128, Hr and Wr multiples of 16 (any aspect ratio).
-    Output: (B, 13, H, W): L/100, warped ab/128, 5 target→reference and 5 reference→target
-    (round-trip) cosine similarity maps in [-1, 1], fine to coarse.
+    Output: (B, 13, H, W): L/100, warped ab/128 (the reference's ab sampled where the refined flow points),
+    5 target→reference and 5 reference→target (round-trip) cosine similarity maps in [-1, 1], fine to coarse.
+    ``match`` also gives the *matched colour* (B, 2, H, W): the attention-weighted mean of the reference's ab
+    over its 8×8 cells, upsampled bilinearly. Where a target cell matches far-apart reference cells (sky on both
+    sides of a tower), the soft-argmax position lies on neither, and a flow interpolated between two matches
+    samples the colours in between: the warped ab has swirls of colour from unrelated places, the matched colour
+    does not. The pipeline gives it to the U-Net in place of the warped ab for a reference chosen by hand.
     """
 
-    def __init__(self, temperature: float = TEMPERATURE) -> None:
+    def __init__(self, temperature: float = TEMPERATURE, matched: bool = False) -> None:
         super().__init__()
         self.temperature = temperature
+        self.matched = matched  # ``forward`` gives the matched colour in place of the warped ab (training)
 
-    def flows(self, tf: list[torch.Tensor], rf: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Soft-argmax flows at stride 8: target→reference (B, 2, ht, wt), reference→target (B, 2, hr, wr)."""
+    def flows(self, tf: list[torch.Tensor], rf: list[torch.Tensor],
+              ref_ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Soft-argmax flows at stride 8, target→reference (B, 2, ht, wt) and reference→target (B, 2, hr, wr),
+        and the matched colour (B, 2, ht, wt): the reference's stride-8 ab weighted by the same attention."""
         dt = _descriptor(tf[2], tf[3], tf[4])
         dr = _descriptor(rf[2], rf[3], rf[4])
         b, c, ht, wt = dt.shape
         hr, wr = dr.shape[-2:]
         sim = torch.bmm(dt.flatten(2).transpose(1, 2), dr.flatten(2)) / self.temperature  # (B, Nt, Nr)
-        to_ref = torch.softmax(sim, dim=2) @ _grid(hr, wr, dt)  # (B, Nt, 2)
+        attention = torch.softmax(sim, dim=2)
+        to_ref = attention @ _grid(hr, wr, dt)  # (B, Nt, 2)
         to_tgt = torch.softmax(sim, dim=1).transpose(1, 2) @ _grid(ht, wt, dt)  # (B, Nr, 2)
+        cells = F.avg_pool2d(_resize(ref_ab, (hr * 8, wr * 8)), 8)  # the reference's mean ab per stride-8 cell
+        colour = attention @ cells.flatten(2).transpose(1, 2)  # (B, Nt, 2)
         flow_tr = to_ref.transpose(1, 2).reshape(b, 2, ht, wt)
         flow_rt = to_tgt.transpose(1, 2).reshape(b, 2, hr, wr)
-        return flow_tr, flow_rt
+        return flow_tr, flow_rt, colour.transpose(1, 2).reshape(b, 2, ht, wt)
 
-    def forward(
+    def match(
         self,
         l: torch.Tensor,
         tf1: torch.Tensor, tf2: torch.Tensor, tf3: torch.Tensor, tf4: torch.Tensor, tf5: torch.Tensor,
         rf1: torch.Tensor, rf2: torch.Tensor, rf3: torch.Tensor, rf4: torch.Tensor, rf5: torch.Tensor,
         ref_ab: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The U-Net's input (B, 13, H, W) and the matched colour (B, 2, H, W), ab/128."""
         tf = [tf1, tf2, tf3, tf4, tf5]
         rf = [rf1, rf2, rf3, rf4, rf5]
-        flow_tr, flow_rt = self.flows(tf, rf)
+        flow_tr, flow_rt, colour = self.flows(tf, rf, ref_ab)
         # Carry the stride-8 match to the finer layers, refining it locally at strides 4 and 2.
         fine_4 = _refine(flow_tr, tf[2], rf[2], self.temperature)
         fine_2 = _refine(fine_4, tf[1], rf[1], self.temperature)
@@ -202,4 +215,16 @@ class Correspondence(nn.Module):
         smoothed_ab = F.avg_pool2d(ref_ab, 3, stride=1, padding=1, count_include_pad=False)
         warped_ab = _sample(_channels_last(smoothed_ab), _Raster(smoothed_ab).taps(_resize_field(fine_2, size)))
         warped_ab = warped_ab.permute(0, 3, 1, 2)
-        return torch.cat([l, warped_ab, *maps], dim=1)
+        return torch.cat([l, warped_ab, *maps], dim=1), _resize(colour, size)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The U-Net's input (B, 13, H, W): with the warped ab, or with ``matched`` the matched colour."""
+        x13, colour = self.match(*inputs)
+        return torch.cat([x13[:, :1], colour, x13[:, 3:]], dim=1) if self.matched else x13
+
+
+class MatchingCorrespondence(Correspondence):
+    """The exported graph: the U-Net's input and the matched colour (outputs ``x13`` and ``matched_ab``)."""
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.match(*inputs)
