@@ -281,9 +281,12 @@ def unet_rows(models: Models, l_batch: np.ndarray, references: list[list[Referen
         target = [f[i : i + 1] for f in feats]
         candidates = []
         for ref in refs:
-            x13, matched = models.correspondence.run(correspondence_feeds(l_batch[i : i + 1], target, ref))
+            feeds = correspondence_feeds(l_batch[i : i + 1], target, ref)
             if chosen and len(refs) == 1:  # its colours without the warp's swirls (nets.correspondence)
+                x13, matched = models.correspondence.run(feeds)
                 x13[:, WARPED_AB] = matched
+            else:  # ONNX Runtime then skips the matched colour's nodes
+                (x13,) = models.correspondence.run(feeds, ["x13"])
             candidates.append(x13[0])
         if models.second_opinion:  # where the references agree, their colour is likely right
             passes = turns(candidates)
