@@ -203,13 +203,19 @@ def test_a_graph_with_other_input_names_is_refused(tmp_path):
         check_signature("unet", tmp_path / "unet.onnx", _ort(model))
     spec = load_registry()["correspondence"]
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in spec.inputs]
-    nodes = [helper.make_node("Identity", [spec.inputs[0]], [spec.outputs[0]])]
-    nodes += [helper.make_node("Identity", [n], [f"{n}_out"]) for n in spec.inputs[1:]]
-    outputs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
-               for o in [spec.outputs[0]] + [f"{n}_out" for n in spec.inputs[1:]]]
+    passed = len(spec.outputs)  # each output fed by an input; the other inputs passed through under other names
+    names = list(spec.outputs) + [f"{n}_out" for n in spec.inputs[passed:]]
+    nodes = [helper.make_node("Identity", [n], [o]) for n, o in zip(spec.inputs, names)]
+    outputs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in names]
     fitting = helper.make_model(helper.make_graph(nodes, "c", inputs, outputs), opset_imports=[helper.make_opsetid("", 17)])
     fitting.ir_version = 8
     check_signature("correspondence", tmp_path / "c.onnx", _ort(fitting))  # the right names pass
+    # An earlier release's correspondence, without the matched colour: refused, and `models pull` replaces it.
+    earlier = helper.make_model(helper.make_graph(nodes[:1] + nodes[passed:], "c", inputs, outputs[:1] + outputs[passed:]),
+                                opset_imports=[helper.make_opsetid("", 17)])
+    earlier.ir_version = 8
+    with pytest.raises(ModelNotFound, match="models pull --force"):
+        check_signature("correspondence", tmp_path / "c.onnx", _ort(earlier))
 
 
 def test_exporting_the_features_graph_again_gives_the_packaged_bytes(tmp_path):
