@@ -319,6 +319,12 @@ def test_online_pairs_are_fresh_views_with_real_references(data_root, tmp_path):
     assert torch.equal(warped[:, :1], colour[:, :1]) and torch.equal(warped[:, 3:], colour[:, 3:])
     roughness = [(x[:, 1:3, 1:] - x[:, 1:3, :-1]).abs().mean() for x in (warped, colour)]
     assert roughness[1] < roughness[0], roughness
+    # A pair cache holds one kind of colour: a run of the other kind refuses it rather than train on the wrong one.
+    from training.data import build_pairs
+
+    folder = next(out.glob("pairs-*-val"))
+    with pytest.raises(SystemExit, match="the warped ab, --config gpu-online trains on the matched colour"):
+        build_pairs(photos, folder, replace(config, matched_colour=True), trainer.vgg, torch.device("cpu"))
 
 
 def test_online_runs_precompute_only_the_validation_pairs_and_they_are_the_full_caches(data_root, tmp_path):

@@ -174,6 +174,7 @@ class PairCache:
     per_photo: int
     semantic: dict[str, np.ndarray]
     validation_only: bool = False  # only the held-out photos' pairs (what online training validates on)
+    matched_colour: bool = False  # x holds the reference's matched colour in place of its warped ab
 
     @classmethod
     def open(cls, folder: Path) -> PairCache:
@@ -183,7 +184,8 @@ class PairCache:
         ab = np.memmap(folder / "ab.f16", dtype=np.float16, mode="r", shape=(n, 2, s, s))
         semantic = {name: np.memmap(folder / f"{name}.f16", dtype=np.float16, mode="r", shape=shape)
                     for name, shape in _semantic_shapes(n // per, s).items()}
-        return cls(x, ab, meta["pairs"], per, semantic, meta.get("validation_only", False))
+        return cls(x, ab, meta["pairs"], per, semantic, meta.get("validation_only", False),
+                   meta.get("matched_colour", False))
 
     def photo_of(self, row: int) -> int:
         return row // self.per_photo
@@ -224,7 +226,13 @@ def build_pairs(
     """
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / "pairs.json").exists():
-        return PairCache.open(folder)
+        cache = PairCache.open(folder)
+        if cache.matched_colour != config.matched_colour:
+            have, want = (("the matched colour" if m else "the warped ab") for m in (cache.matched_colour,
+                                                                                     config.matched_colour))
+            raise SystemExit(f"{folder}: its pairs give the U-Net {have}, --config {config.name} trains on {want}; "
+                             f"pass --pairs with another folder")
+        return cache
     rng = random.Random(config.seed)
     size = config.size
     corr = Correspondence(matched=config.matched_colour).to(device)
@@ -272,7 +280,8 @@ def build_pairs(
     for name in names:
         (folder / f"{name}.f16.tmp").rename(folder / f"{name}.f16")
     (folder / "pairs.json").write_text(json.dumps({"size": size, "per_photo": per_photo, "pairs": meta,
-                                                   "validation_only": validation_only}))
+                                                   "validation_only": validation_only,
+                                                   "matched_colour": config.matched_colour}))
     return PairCache.open(folder)
 
 
