@@ -267,12 +267,12 @@ def correspondence_feeds(l: np.ndarray, target_maps: list[np.ndarray], reference
 
 
 def unet_rows(models: Models, l_batch: np.ndarray, references: list[list[Reference]], targets: TargetFeatures,
-              chosen: bool = False) -> UNetRows:
+              matched: list[bool] | None = None) -> UNetRows:
     """Run the correspondence for every target and reference and lay out the U-Net's rows.
 
     A second-opinion U-Net runs one row per reference turn; an ensemble gives turn k to member k mod M, and a
-    target with fewer turns than members runs them again until every member has coloured it once. ``chosen``:
-    the references were chosen by hand, and a lone one gives its matched colour in place of its warped ab.
+    target with fewer turns than members runs them again until every member has coloured it once. ``matched``:
+    per target, whether its references give their matched colour in place of their warped ab.
     """
     feats = targets.maps
     networks = models.members
@@ -282,7 +282,7 @@ def unet_rows(models: Models, l_batch: np.ndarray, references: list[list[Referen
         candidates = []
         for ref in refs:
             feeds = correspondence_feeds(l_batch[i : i + 1], target, ref)
-            if chosen and len(refs) == 1:  # its colours without the warp's swirls (nets.correspondence)
+            if matched and matched[i]:  # its colours without the warp's swirls (nets.correspondence)
                 x13, matched = models.correspondence.run(feeds)
                 x13[:, WARPED_AB] = matched
             else:  # ONNX Runtime then skips the matched colour's nodes
@@ -340,7 +340,8 @@ def predict(models: Models, l_batch: np.ndarray, references: list[list[Reference
     t0 = time.perf_counter()
     targets = features or models.target_features(l_batch)
     t1 = time.perf_counter()
-    rows = unet_rows(models, l_batch, references, targets, chosen)
+    lone_chosen = [chosen and len(refs) == 1 for refs in references]
+    rows = unet_rows(models, l_batch, references, targets, lone_chosen)
     t2 = time.perf_counter()
     ab, trust = models.unet.run(rows.feeds)
     t3 = time.perf_counter()
@@ -353,7 +354,7 @@ def predict(models: Models, l_batch: np.ndarray, references: list[list[Reference
         own = np.flatnonzero(rows.owners == i)
         first = own[0]
         colours, l = denormalise_ab(ab[own].mean(axis=0).transpose(1, 2, 0)), l_batch[i, 0] * 100.0
-        cast = chosen_cast if chosen and len(references[i]) == 1 else 0.0
+        cast = chosen_cast if lone_chosen[i] else 0.0
         if cast:
             colours = colours + cast * (reference_cast(l, references[i][0]) - colours.reshape(-1, 2).mean(axis=0))
         predictions.append(Prediction(
